@@ -1,0 +1,88 @@
+"""Guidance: wrappers that take a denoiser and return a denoiser.
+
+With x = x0 + sigma * eps, the score is grad log p_sigma(x) = (x0(x) - x) / sigma^2 (Tweedie), so any
+change of the score by delta becomes a change of x0 by sigma^2 * delta. Guidance on x0 is the same as
+guidance on eps or v: at a fixed x and sigma, each is an affine function of the others.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .prediction import _b
+from .types import Cond, DenoiseFn
+
+
+def classifier_free(denoise: DenoiseFn, uncond: Cond | None, scale: float, *, rescale: float = 0.0) -> DenoiseFn:
+    """Classifier-free guidance (Ho & Salimans 2022): x0 = x0_u + scale * (x0_c - x0_u).
+
+    ``uncond`` is the conditioning of the empty prompt, or of the negative prompt. Cond and uncond run
+    in one batched forward. ``rescale`` (phi in Lin et al. 2023, eq. 15-16) pulls the std of the guided
+    eps back towards that of the conditional eps, as diffusers' ``guidance_rescale``.
+    """
+    if scale == 1.0 and rescale == 0.0:
+        return denoise
+
+    def guided(x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
+        if scale == 0.0:
+            return denoise(x, sigma, uncond)
+        if cond is None or uncond is None:
+            raise ValueError("classifier-free guidance needs both a conditioning and an unconditional one")
+        if uncond.tokens is not None and uncond.tokens.shape[0] != x.shape[0]:
+            uncond_b = Cond.cat([uncond] * x.shape[0]) if uncond.tokens.shape[0] == 1 else uncond
+        else:
+            uncond_b = uncond
+        both = Cond.cat([uncond_b, cond])
+        x0_u, x0_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+        x0 = x0_u + scale * (x0_c - x0_u)
+        if rescale > 0:
+            s = _b(sigma, x)
+            eps_c, eps_cfg = (x - x0_c) / s, (x - x0) / s
+            dims = tuple(range(1, x.ndim))
+            ratio = eps_c.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True)
+            eps = eps_cfg * (rescale * ratio + (1 - rescale))
+            x0 = x - s * eps
+        return x0
+
+    return guided
+
+
+def dynamic_threshold(denoise: DenoiseFn, percentile: float = 0.995, max_value: float | None = None) -> DenoiseFn:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s = the percentile of
+    |x0|, at least 1 (at most ``max_value`` if given); x0 <- clip(x0, -s, s) / s. Keeps x0 in [-1, 1]
+    while letting high guidance scales saturate less than static clipping."""
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"percentile must be within (0, 1], got {percentile}")
+
+    def thresholded(x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
+        x0 = denoise(x, sigma, cond)
+        flat = x0.reshape(x0.shape[0], -1).abs().float()
+        s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0, max=max_value)
+        s = s.reshape(-1, *(1,) * (x0.ndim - 1)).to(x0.dtype)
+        return x0.clamp(-s, s) / s
+
+    return thresholded
+
+
+# log p(y | x, sigma) for each sample: (x, sigma, cond) -> (B,)
+LogLikelihood = Callable[[Tensor, Tensor, Cond | None], Tensor]
+
+
+def gradient_guidance(denoise: DenoiseFn, log_likelihood: LogLikelihood, scale: float = 1.0) -> DenoiseFn:
+    """Classifier guidance (Dhariwal & Nichol 2021) from Bayes' rule:
+        grad log p(x | y) = grad log p(x) + scale * grad log p(y | x).
+    The second term, a gradient through any differentiable ``log_likelihood`` of the noisy x, is added
+    to the score, i.e. sigma^2 * scale * grad to x0. With scale=1 and the exact noisy likelihood the
+    sampler draws from the exact posterior p(x0 | y)."""
+
+    def guided(x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
+        x0 = denoise(x, sigma, cond)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(log_likelihood(xg, sigma, cond).sum(), xg)
+        return x0 + _b(sigma, x) ** 2 * scale * grad
+
+    return guided

@@ -1,0 +1,99 @@
+"""What a network predicts, and the adapter that turns a discrete-time network into a denoiser.
+
+In the sampler's form x = x0 + sigma * eps (see :mod:`dreamlab.core`), with the DDPM form
+x_t = alpha * x0 + s * eps, alpha = 1 / sqrt(1 + sigma^2), s = sigma / sqrt(1 + sigma^2):
+    eps prediction:  x0 = x - sigma * eps
+    v prediction:    v = alpha * eps - s * x0  (Salimans & Ho 2022)  =>  x0 = alpha^2 * x - s * v
+    x0 prediction:   x0 = x0
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import NonFiniteError
+from .schedules import DiscreteSchedule
+from .types import Cond
+
+
+class Prediction(str, enum.Enum):
+    """Values are diffusers' ``prediction_type`` strings."""
+
+    EPS = "epsilon"
+    V = "v_prediction"
+    X0 = "sample"
+
+
+def _b(sigma: Tensor, x: Tensor) -> Tensor:
+    """Broadcast per-sample sigma (B,) or scalar over x (B, ...)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim)) if sigma.ndim else sigma
+
+
+def to_x0(out: Tensor, x: Tensor, sigma: Tensor, prediction: Prediction) -> Tensor:
+    """Model output of the given kind -> x0. ``x`` is in the x0 + sigma*eps form."""
+    s = _b(sigma, x)
+    if prediction == Prediction.EPS:
+        return x - s * out
+    if prediction == Prediction.V:
+        return x / (1 + s**2) - s / (1 + s**2).sqrt() * out
+    if prediction == Prediction.X0:
+        return out
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+def from_x0(x0: Tensor, x: Tensor, sigma: Tensor, prediction: Prediction) -> Tensor:
+    """x0 -> the model output of the given kind (inverse of :func:`to_x0`; needs sigma > 0 for eps)."""
+    s = _b(sigma, x)
+    if prediction == Prediction.EPS:
+        return (x - x0) / s
+    if prediction == Prediction.V:
+        eps = (x - x0) / s
+        return (eps - s * x0) / (1 + s**2).sqrt()
+    if prediction == Prediction.X0:
+        return x0
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+def convert(out: Tensor, x: Tensor, sigma: Tensor, src: Prediction, dst: Prediction) -> Tensor:
+    return from_x0(to_x0(out, x, sigma, src), x, sigma, dst)
+
+
+# (x_t, t, cond) -> output of the network; x_t in the DDPM form, t fractional timesteps (B,)
+ModelFn = Callable[[Tensor, Tensor, Cond | None], Tensor]
+
+
+@dataclass(eq=False)
+class Denoiser:
+    """Adapter: discrete-time network ``model(x_t, t, cond)`` -> ``(x, sigma, cond) -> x0``.
+
+    Maps sigma to a fractional timestep through the training schedule, scales the input to the DDPM
+    form the network was trained on, and converts its prediction to x0. Runs the network in
+    ``model_dtype`` if given; returns x0 in the dtype of ``x``.
+    """
+
+    model: ModelFn
+    schedule: DiscreteSchedule
+    prediction: Prediction = Prediction.EPS
+    model_dtype: torch.dtype | None = None
+    check_finite: bool = True
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        s = _b(sigma, x)
+        x_t = x / (1 + s**2).sqrt()
+        t = self.schedule.sigma_to_t(sigma.float())
+        if self.model_dtype is not None:
+            x_t = x_t.to(self.model_dtype)
+        out = self.model(x_t, t, cond).to(x.dtype)
+        if self.check_finite and not torch.isfinite(out).all():
+            raise NonFiniteError(
+                f"the model produced NaN or Inf at sigma={float(sigma[0]):.4g} (t={float(t[0]):.1f}); "
+                "check the weights and the input, or run in float32"
+            )
+        return to_x0(out, x, sigma, self.prediction)
