@@ -1,0 +1,38 @@
+"""Adapter from a diffusers UNet2DConditionModel to the engine's model function (x_t, t, cond) -> out."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..core.types import Cond
+
+
+class UNetModelFn:
+    """Calls a diffusers ``UNet2DConditionModel`` with the fields of a :class:`Cond`.
+
+    use_mask: pass the text attention mask to cross-attention (our models, trained with it); Stable
+    Diffusion was trained attending to padding, so it is called without one.
+    """
+
+    def __init__(self, unet, *, use_mask: bool = False):
+        self.unet = unet
+        self.use_mask = use_mask
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        kwargs = {}
+        tokens = None
+        if cond is not None:
+            tokens = cond.tokens
+            if cond.concat is not None:
+                x_t = torch.cat([x_t, cond.concat.to(x_t.dtype)], dim=1)
+            if self.use_mask and cond.mask is not None:
+                kwargs["encoder_attention_mask"] = cond.mask
+            if cond.control is not None:
+                *down, mid = cond.control
+                kwargs["down_block_additional_residuals"] = tuple(down)
+                kwargs["mid_block_additional_residual"] = mid
+        if tokens is not None:
+            tokens = tokens.to(x_t.dtype)
+        return self.unet(x_t, t.float(), encoder_hidden_states=tokens, **kwargs).sample
+

@@ -1,0 +1,139 @@
+"""generate(): the request schema, reproducibility, batch invariance, manifests and clear errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dreamlab.cli import main
+from dreamlab.errors import InvalidRequestError, NonFiniteError, UnknownNameError, UnsafeCheckpointError
+from dreamlab.generate import generate, make_request
+from dreamlab.loading.model import load_model
+from dreamlab.metadata import read_manifest, save_png
+from dreamlab.models.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    return load_model(tiny_dir)
+
+
+def test_generates_rgba_images_of_the_requested_size(tiny):
+    res = generate(tiny, make_request(prompt="red apple", steps=3, seed=1, batch=2, width=32, height=16))
+    assert len(res.images) == 2
+    assert all(im.mode == "RGBA" and im.size == (32, 16) for im in res.images)
+    m = res.manifests[1]
+    assert m["seed"] == 2 and m["request"]["seed"] == 2 and m["request"]["batch"] == 1
+    assert len(m["sigmas"]) == 4 and m["sigmas"][-1] == 0.0
+    assert "unet/diffusion_pytorch_model.safetensors" in m["model"]["files"]
+
+
+def test_same_request_same_image(tiny):
+    req = make_request(prompt="red apple", steps=4, seed=7, sampler="euler_ancestral")
+    a, b = generate(tiny, req), generate(tiny, req)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert torch.equal(a.latents, b.latents)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "ddpm"])
+def test_batch_invariance_bit_for_bit(tiny, sampler):
+    batch = generate(tiny, make_request(prompt="a cat", negative_prompt="dog", steps=4, seed=10, batch=3, sampler=sampler, cfg_scale=3))
+    alone = generate(tiny, make_request(prompt="a cat", negative_prompt="dog", steps=4, seed=11, batch=1, sampler=sampler, cfg_scale=3))
+    assert torch.equal(batch.latents[1:2], alone.latents)
+
+
+def test_negative_prompt_changes_the_image(tiny):
+    a = generate(tiny, make_request(prompt="a cat", steps=3, seed=1, cfg_scale=4))
+    b = generate(tiny, make_request(prompt="a cat", negative_prompt="dog", steps=3, seed=1, cfg_scale=4))
+    assert not torch.equal(a.latents, b.latents)
+
+
+def test_bad_requests_name_the_problem(tiny):
+    with pytest.raises(UnknownNameError, match="unknown sampler 'foo'; known: .*euler"):
+        make_request(sampler="foo")
+    with pytest.raises(InvalidRequestError, match="^steps: "):
+        make_request(steps=0)
+    with pytest.raises(InvalidRequestError, match="batch"):
+        make_request(batch=1000)
+    with pytest.raises(InvalidRequestError, match="not divisible by the model's factor 2"):
+        generate(tiny, make_request(width=17, steps=1))
+    with pytest.raises(InvalidRequestError, match="takes no eta"):
+        generate(tiny, make_request(sampler="euler", eta=0.5, steps=1))
+    with pytest.raises(InvalidRequestError, match="unknown_field"):
+        make_request(unknown_field=1)
+
+
+def test_nan_in_model_output_is_a_clear_error(tiny_dir):
+    model = load_model(tiny_dir)
+    model.unet.conv_out.bias.data.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="NaN or Inf at sigma="):
+        generate(model, make_request(prompt="x", steps=2, seed=0))
+
+
+def test_png_carries_manifest_and_a1111_parameters(tiny, tmp_path):
+    res = generate(tiny, make_request(prompt="red apple", negative_prompt="blurry", steps=2, seed=5))
+    path = save_png(res.images[0], tmp_path / "a.png", res.manifests[0])
+    assert read_manifest(path) == json.loads(json.dumps(res.manifests[0]))
+    from PIL import Image
+
+    params = Image.open(path).text["parameters"]
+    assert params.startswith("red apple\nNegative prompt: blurry\nSteps: 2, Sampler: dpmpp_2m")
+    assert "Seed: 5" in params and "Size: 16x16" in params
+
+
+def test_pickled_weights_are_refused_unless_allowed(tiny_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, d)
+    unet = UNet2DConditionModel.from_pretrained(d / "unet")
+    shutil.rmtree(d / "unet")
+    unet.save_pretrained(d / "unet", safe_serialization=False)
+    from transformers import AutoModel
+
+    te = AutoModel.from_pretrained(d / "text_encoder")
+    shutil.rmtree(d / "text_encoder")
+    te.save_pretrained(d / "text_encoder", safe_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match="only pickled weights"):
+        load_model(d)
+    assert load_model(d, allow_pickle=True).unet.config.in_channels == 4
+
+
+def test_cli_generate_writes_pngs(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    rc = main(["generate", "red apple", "-o", str(out), "--model", str(tiny_dir), "--seed", "3", "--steps", "2", "--batch", "2", "-q"])
+    assert rc == 0
+    assert read_manifest(tmp_path / "img-1.png")["seed"] == 4
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--sampler", "nope"], "unknown sampler 'nope'"),
+        (["--steps", "0"], "steps:"),
+        (["--width", "15"], "not divisible"),
+        (["--cfg", "-1"], "cfg_scale:"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tiny_dir, tmp_path, capsys, argv, needle):
+    rc = main(["generate", "x", "-o", str(tmp_path / "o.png"), "--model", str(tiny_dir), "-q", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and needle in err and "\n" not in err
+
+
+def test_cli_says_when_no_model_is_installed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMLAB_MODEL", str(tmp_path / "nothing"))
+    assert main(["generate", "red apple", "-o", str(tmp_path / "o.png")]) == 2
+    assert "no trained model is installed" in capsys.readouterr().err
+
+
+def test_cli_missing_model_folder(tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "o.png")]) == 2
+    assert "no model at" in capsys.readouterr().err
