@@ -25,17 +25,19 @@ def classifier_free(denoise: DenoiseFn, uncond: Cond | None, scale: float, *, re
     """
     if scale == 1.0 and rescale == 0.0:
         return denoise
+    batched: list[tuple[Cond, Cond]] = []  # (cond, cat([uncond, cond])): the same cond comes every step
 
     def guided(x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
         if scale == 0.0:
             return denoise(x, sigma, uncond)
         if cond is None or uncond is None:
             raise ValueError("classifier-free guidance needs both a conditioning and an unconditional one")
-        if uncond.tokens is not None and uncond.tokens.shape[0] != x.shape[0]:
-            uncond_b = Cond.cat([uncond] * x.shape[0]) if uncond.tokens.shape[0] == 1 else uncond
-        else:
-            uncond_b = uncond
-        both = Cond.cat([uncond_b, cond])
+        if not batched or batched[0][0] is not cond:
+            u = uncond
+            if u.tokens is not None and u.tokens.shape[0] == 1 and x.shape[0] > 1:
+                u = Cond.cat([u] * x.shape[0])
+            batched[:] = [(cond, Cond.cat([u, cond]))]
+        both = batched[0][1]
         x0_u, x0_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
         x0 = x0_u + scale * (x0_c - x0_u)
         if rescale > 0:

@@ -82,22 +82,23 @@ def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
     return (x - denoised) / sigma
 
 
-def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
     """Split a step sigma -> sigma_next into a deterministic part to sigma_down and fresh noise of
     std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2. eta=1 gives the DDPM posterior
     variance sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2; eta=0 adds no noise (DDIM)."""
     if eta == 0 or sigma_next == 0:
-        return sigma_next, sigma_next.new_zeros(())
-    up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
-    return (sigma_next**2 - up**2).sqrt(), up
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up
 
 
 def _ancestral_loop(denoise, x, sigmas, cond, noise, on_step, eta: float) -> Tensor:
     sigmas = _prepare(x, sigmas)
     noise = _noise_or_default(noise, x)
+    grid = sigmas.tolist()  # step arithmetic on Python floats (float64): no tiny tensor ops per step
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma.expand(x.shape[0]), cond)
+        sigma, sigma_next = grid[i], grid[i + 1]
+        denoised = denoise(x, sigmas[i].expand(x.shape[0]), cond)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = denoised + (x - denoised) * (sigma_down / sigma)  # Euler step to sigma_down
         if sigma_up > 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, get_args
 
 import torch
@@ -89,11 +90,18 @@ class DiscreteSchedule:
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
 
-    @property
+    @cached_property
     def sigmas(self) -> Tensor:
         """(T,) float64, ascending in t."""
         ac = self.alphas_cumprod.double()
         return ((1 - ac) / ac).sqrt()
+
+    def _log_sigmas(self, device: torch.device) -> Tensor:
+        # Cached per device: the samplers map sigma -> t at every step.
+        cache = self.__dict__.setdefault("_log_sigmas_by_device", {})
+        if device not in cache:
+            cache[device] = self.sigmas.log().to(device)
+        return cache[device]
 
     @property
     def sigma_min(self) -> float:
@@ -106,7 +114,7 @@ class DiscreteSchedule:
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Fractional timestep of each sigma, interpolating linearly in log sigma (as k-diffusion and
         diffusers' ``_sigma_to_t``). Exact at the training sigmas; clamped to [0, T-1]."""
-        log_sigmas = self.sigmas.log().to(sigma.device)
+        log_sigmas = self._log_sigmas(sigma.device)
         log_sigma = sigma.double().clamp_min(1e-30).log()
         low = torch.searchsorted(log_sigmas, log_sigma, right=True).sub(1).clamp(0, len(log_sigmas) - 2)
         lo, hi = log_sigmas[low], log_sigmas[low + 1]
@@ -115,7 +123,7 @@ class DiscreteSchedule:
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Sigma at a (fractional) timestep, interpolating log sigma."""
-        log_sigmas = self.sigmas.log().to(t.device)
+        log_sigmas = self._log_sigmas(t.device)
         t = t.double().clamp(0, len(log_sigmas) - 1)
         low = t.floor().long().clamp(max=len(log_sigmas) - 2)
         w = t - low

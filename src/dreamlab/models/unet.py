@@ -34,5 +34,5 @@ class UNetModelFn:
                 kwargs["mid_block_additional_residual"] = mid
         if tokens is not None:
             tokens = tokens.to(x_t.dtype)
-        return self.unet(x_t, t.float(), encoder_hidden_states=tokens, **kwargs).sample
+        return self.unet(x_t, t.float(), encoder_hidden_states=tokens, return_dict=False, **kwargs)[0]
 
