@@ -25,18 +25,27 @@ def classifier_free(denoise: DenoiseFn, uncond: Cond | None, scale: float, *, re
     """
     if scale == 1.0 and rescale == 0.0:
         return denoise
-    batched: list[tuple[Cond, Cond]] = []  # (cond, cat([uncond, cond])): the same cond comes every step
+    if uncond is None:
+        raise ValueError("classifier-free guidance needs an unconditional conditioning")
+    # (batch size, uncond broadcast to it) and (cond, cat([uncond, cond])): both repeat every step.
+    broadcast: dict[int, Cond] = {}
+    batched: list[tuple[Cond, Cond]] = []
+
+    def uncond_for(batch: int) -> Cond:
+        if batch not in broadcast:
+            u = uncond
+            if u.tokens is not None and u.tokens.shape[0] == 1 and batch > 1:
+                u = Cond.cat([u] * batch)
+            broadcast[batch] = u
+        return broadcast[batch]
 
     def guided(x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
         if scale == 0.0:
-            return denoise(x, sigma, uncond)
-        if cond is None or uncond is None:
-            raise ValueError("classifier-free guidance needs both a conditioning and an unconditional one")
+            return denoise(x, sigma, uncond_for(x.shape[0]))
+        if cond is None:
+            raise ValueError("classifier-free guidance needs a conditioning")
         if not batched or batched[0][0] is not cond:
-            u = uncond
-            if u.tokens is not None and u.tokens.shape[0] == 1 and x.shape[0] > 1:
-                u = Cond.cat([u] * x.shape[0])
-            batched[:] = [(cond, Cond.cat([u, cond]))]
+            batched[:] = [(cond, Cond.cat([uncond_for(x.shape[0]), cond]))]
         both = batched[0][1]
         x0_u, x0_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
         x0 = x0_u + scale * (x0_c - x0_u)

@@ -91,8 +91,8 @@ class Denoiser:
         if self.model_dtype is not None:
             x_t = x_t.to(self.model_dtype)
         out = self.model(x_t, t, cond).to(x.dtype)
-        # One reduction: the sum is finite iff every element is (barring float32 overflow).
-        if self.check_finite and not torch.isfinite(out.sum()):
+        # One reduction: the float32 sum is finite iff every element is (barring overflow past 3e38).
+        if self.check_finite and not torch.isfinite(out.sum(dtype=torch.float32)):
             raise NonFiniteError(
                 f"the model produced NaN or Inf at sigma={float(sigma[0]):.4g} (t={float(t[0]):.1f}); "
                 "check the weights and the input, or run in float32"

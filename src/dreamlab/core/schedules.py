@@ -133,14 +133,21 @@ class DiscreteSchedule:
         """n integer timesteps, descending, as diffusers' DDPM/DDIM/Euler ``set_timesteps``."""
         T = self.num_train_timesteps
         _check_steps(n, T)
+        # Python float64 arithmetic in the order numpy uses, so ties round as in diffusers.
         if spacing == "leading":
-            ts = torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n) + steps_offset
+            ts = [(n - 1 - i) * (T // n) + steps_offset for i in range(n)]
         elif spacing == "trailing":
-            ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
+            # np.arange(T, 0, -T/n) as diffusers calls it: numpy fills start + i * delta with
+            # delta = (start + step) - start. It yields n + 1 values for some n (61, 103, ...); take n.
+            delta = (T + (-T / n)) - T
+            ts = [round(T + i * delta) - 1 for i in range(n)]
         elif spacing == "linspace":
-            ts = torch.linspace(T - 1, 0, n, dtype=torch.float64).round()
+            step = (T - 1) / (n - 1) if n > 1 else 0.0
+            ts = [round(i * step) for i in range(n - 1)] + [T - 1]
+            ts = ts[::-1] if n > 1 else [T - 1]
         else:
             raise ValueError(f"unknown timestep spacing '{spacing}'; known: leading, trailing, linspace")
+        ts = torch.tensor(ts, dtype=torch.float64)
         return ts
 
     def sigmas_for(self, n: int, spacing: Spacing = "trailing", *, rho: float = 7.0) -> Tensor:
