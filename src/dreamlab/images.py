@@ -1,0 +1,38 @@
+"""Conversions between tensors in [-1, 1] and images, and contact sheets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, C, H, W) in [-1, 1] -> PIL images (RGBA for 4 channels, straight alpha)."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
+    return [Image.fromarray(np.ascontiguousarray(a.squeeze(-1) if mode == "L" else a), mode) for a in arr]
+
+
+def on_background(image: Image.Image, color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Composite an RGBA image over a solid colour (what a viewer sees)."""
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    bg = Image.new("RGBA", image.size, color + (255,))
+    return Image.alpha_composite(bg, image).convert("RGB")
+
+
+def grid(images: list[Image.Image], cols: int | None = None, scale: int = 1, pad: int = 2) -> Image.Image:
+    """A contact sheet on white; RGBA images are composited first."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size[0] * scale, images[0].size[1] * scale
+    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        im = on_background(im).resize((w, h), Image.NEAREST)
+        sheet.paste(im, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
+    return sheet
