@@ -1,0 +1,1 @@
+"""Training data: the emoji dataset builder (``emoji``), its captions (``captions``) and loader (``dataset``)."""

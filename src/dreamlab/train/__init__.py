@@ -1,0 +1,1 @@
+"""Trainers. The training loop (checkpoints, EMA, logging, processes) lives apart from the maths."""

@@ -1,0 +1,219 @@
+"""What every trainer shares: processes, resumable checkpoints, EMA, logs, loss plots.
+
+Multi-process training uses torch.distributed with DDP, launched by torchrun (gloo on CPU, nccl on
+GPU): ``torchrun --nproc_per_node 2 -m dreamlab.cli train unet ...``. A single process needs no launcher.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNN`` holding the model and its EMA in diffusers format
+(safetensors), the optimizer state and ``state.json``; it is written to a temporary folder and renamed,
+so a run killed at any moment resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DreamlabError
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group torchrun set up (RANK / WORLD_SIZE in the environment), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, dev)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to min_ratio * base_lr at ``total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class EMA:
+    """Exponential moving average of parameters (Polyak averaging), with warm-up of the decay as in
+    diffusers' EMAModel: decay_t = min(decay, (1 + t) / (10 + t))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        model.load_state_dict({**state, **{k: v.to(state[k].dtype) for k, v in self.shadow.items()}})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay, self.updates, self.shadow = state["decay"], state["updates"], state["shadow"]
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoints/step-N atomically; keep the newest ``keep`` ones."""
+    ckpt_root = out_dir / "checkpoints"
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = _atomic_dir(final)
+    try:
+        model.save_pretrained(tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "ema": ema.state_dict()}, tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DreamlabError(f"cannot write checkpoint {final}: {e.strerror or e} (the previous checkpoint is intact)") from None
+    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, ema: EMA) -> dict[str, Any]:
+    # Our own file, but still loaded without unpickling arbitrary objects.
+    blob = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    ema.load_state_dict(blob["ema"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- logs
+
+
+class Log:
+    """Appends metrics to ``log.jsonl`` and redraws ``loss.png`` from the whole file."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.path = out_dir / "log.jsonl"
+        self.plot_path = out_dir / "loss.png"
+        self.enabled = enabled
+        self.start = time.time()
+
+    def write(self, step: int, **metrics: float) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    yield json.loads(line)
+
+    def plot(self, keys: tuple[str, ...] = ("loss",)) -> None:
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        recs = list(self.records())
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in recs if key in r]
+            if not pts:
+                continue
+            steps, vals = zip(*pts)
+            ax.plot(steps, vals, alpha=0.3, label=f"{key}")
+            if len(vals) >= 20:
+                k = max(5, len(vals) // 50)
+                smooth = [sum(vals[max(0, i - k):i + 1]) / len(vals[max(0, i - k):i + 1]) for i in range(len(vals))]
+                ax.plot(steps, smooth, label=f"{key} (smoothed)")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.plot_path, dpi=100)
+        plt.close(fig)
+
+
+def save_config(out_dir: Path, config: Any) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
+    (out_dir / "config.json").write_text(json.dumps(data, indent=2, default=str))

@@ -1,0 +1,284 @@
+"""Train the latent text-conditional UNet (diffusers UNet2DConditionModel with cross-attention).
+
+Recipe chosen to learn quickly on little compute: latents and caption embeddings are encoded once and
+cached; v-prediction (Salimans & Ho 2022) with Min-SNR-5 weighting (Hang et al. 2023); AdamW with warm-up
+and cosine decay; EMA weights; 10% of captions dropped to the empty prompt so the model also learns the
+unconditional score that classifier-free guidance needs (Ho & Salimans 2022). Attention only at the two
+lowest resolutions, where it is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..core.objectives import l_simple, q_sample
+from ..core.prediction import Prediction
+from ..core.schedules import DiscreteSchedule
+from ..data.captions import caption
+from ..data.dataset import EmojiDataset
+from ..images import grid
+from .common import (
+    EMA,
+    Dist,
+    Log,
+    init_distributed,
+    latest_checkpoint,
+    load_training_state,
+    lr_at,
+    save_checkpoint,
+    save_config,
+    shutdown_distributed,
+)
+
+SAMPLE_PROMPTS = [
+    "red apple", "grinning face", "red heart", "cat face", "pizza", "rocket", "sun", "star",
+    "dog face", "thumbs up, google style", "thumbs up, twitter style", "waving hand, dark skin tone",
+    "green apple", "birthday cake", "snowman", "fire",
+]
+
+
+@dataclass
+class UNetConfig:
+    data: str  # emoji dataset folder
+    vae: str  # exported VAE folder (dreamlab train vae)
+    out: str  # run folder
+    steps: int = 50000
+    batch_size: int = 64  # per process
+    lr: float = 3e-4
+    warmup: int = 500
+    weight_decay: float = 0.01
+    min_snr_gamma: float | None = 5.0
+    prediction: str = "v_prediction"
+    cond_dropout: float = 0.1
+    captions_per_image: int = 8  # caption variants encoded once and cycled over epochs
+    max_length: int = 24  # text tokens
+    block_out_channels: tuple[int, ...] = (64, 128, 256)
+    layers_per_block: int = 2
+    attention_head_dim: int = 8
+    ema_decay: float = 0.9995
+    ckpt_every: int = 500
+    sample_every: int = 2000
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def build_unet(cfg: UNetConfig, cross_dim: int = 384, sample_size: int = 16):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.block_out_channels)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
+    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        cross_attention_dim=cross_dim,
+        norm_num_groups=32,
+    )
+
+
+def schedule_config(prediction: str) -> dict:
+    return {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "prediction_type": prediction,
+        "clip_sample": False,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+@torch.no_grad()
+def build_cache(cfg: UNetConfig, cache: Path) -> None:
+    """Encode every training image (posterior mean and std) and K captions per image, once."""
+    from diffusers import AutoencoderKL
+
+    from ..loading.text_encoders import load_minilm
+
+    cache.mkdir(parents=True, exist_ok=True)
+    ds = EmojiDataset(Path(cfg.data), split="train")
+    vae = AutoencoderKL.from_pretrained(cfg.vae).eval()
+    scale = float(vae.config.scaling_factor)
+    means, stds = [], []
+    for i in range(0, len(ds), 128):
+        x = torch.stack([ds[j][0] for j in range(i, min(i + 128, len(ds)))])
+        post = vae.encode(x).latent_dist
+        means.append(post.mean * scale)
+        stds.append(post.std * scale)
+    encoder = load_minilm(cfg.max_length)
+    rng = random.Random(cfg.seed)
+    texts = [caption(ds.records[i], rng) for _ in range(cfg.captions_per_image) for i in range(len(ds))]
+    tokens, masks = [], []
+    for i in range(0, len(texts), 256):
+        c = encoder.encode(texts[i:i + 256])
+        tokens.append(c.tokens.half())
+        masks.append(c.mask.to(torch.uint8))
+    empty = encoder.encode([""])
+    save_file(
+        {
+            "latent_mean": torch.cat(means).contiguous(),
+            "latent_std": torch.cat(stds).contiguous(),
+            "tokens": torch.cat(tokens).contiguous(),
+            "mask": torch.cat(masks).contiguous(),
+            "empty_tokens": empty.tokens.half().contiguous(),
+            "empty_mask": empty.mask.to(torch.uint8).contiguous(),
+        },
+        str(cache / "cache.safetensors"),
+    )
+    (cache / "captions.json").write_text(json.dumps(texts[: len(ds)], indent=0))
+    (cache / "cache.json").write_text(json.dumps({"vae": str(Path(cfg.vae).resolve()), "n": len(ds), "k": cfg.captions_per_image, "max_length": cfg.max_length}))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class _Net(torch.nn.Module):
+    """The UNet called with a Cond's fields; one module so DDP sees the whole forward."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t, t, tokens, mask):
+        return self.unet(x_t, t, encoder_hidden_states=tokens, encoder_attention_mask=mask).sample
+
+
+def export_model(unet_cfg: dict, ema: EMA, vae_dir: Path, dest: Path, cfg: UNetConfig, extra: dict | None = None) -> Path:
+    """A complete dreamlab model folder (diffusers format) with the EMA weights."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(unet_cfg)
+    ema.copy_to(unet)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet")
+    shutil.copytree(vae_dir, tmp / "vae", ignore=shutil.ignore_patterns(".*"))
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule_config(cfg.prediction), indent=2))
+    spec = {
+        "name": "dreamlab-emoji",
+        "sample_size": 64,
+        "use_mask": True,
+        "text_encoder": {"source": "minilm", "max_length": cfg.max_length, "pooling": "mean"},
+        "training": extra or {},
+    }
+    (tmp / "dreamlab.json").write_text(json.dumps(spec, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def train_unet(cfg: UNetConfig) -> Path:
+    from diffusers import UNet2DConditionModel
+
+    d: Dist = init_distributed(cfg.device)
+    out = Path(cfg.out).expanduser()
+    cache = out / "cache"
+    if d.main:
+        save_config(out, cfg)
+        if not (cache / "cache.safetensors").exists():
+            print("encoding latents and captions once ...")
+            build_cache(cfg, cache)
+    d.barrier()
+    data = load_file(str(cache / "cache.safetensors"))
+    n = data["latent_mean"].shape[0]
+    schedule = DiscreteSchedule.from_diffusers_config(schedule_config(cfg.prediction))
+    prediction = Prediction(cfg.prediction)
+
+    torch.manual_seed(cfg.seed + d.rank)
+    unet = build_unet(cfg)
+    ema = EMA(unet, cfg.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    step = 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(ckpt / "model").state_dict())
+        step = load_training_state(ckpt, opt, ema)["step"]
+        if d.main:
+            print(f"resumed from {ckpt} at step {step}")
+    unet.to(d.device).train()
+    net = DDP(_Net(unet)) if d.world > 1 else _Net(unet)
+    log = Log(out, enabled=d.main)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank * 7919 + step)
+    if d.main:
+        print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {n} training images")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="unet", disable=not d.main, dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    B = cfg.batch_size
+    while step < cfg.steps:
+        idx = torch.randint(n, (B,), generator=gen)
+        variant = torch.randint(cfg.captions_per_image, (B,), generator=gen)
+        x0 = data["latent_mean"][idx] + data["latent_std"][idx] * torch.randn(B, 4, 16, 16, generator=gen)
+        rows = variant * n + idx
+        tokens, mask = data["tokens"][rows].float(), data["mask"][rows].long()
+        drop = torch.rand(B, generator=gen) < cfg.cond_dropout
+        tokens[drop] = data["empty_tokens"].float()
+        mask[drop] = data["empty_mask"].long()
+        t = torch.randint(schedule.num_train_timesteps, (B,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x0, tokens, mask, t, noise = (v.to(d.device) for v in (x0, tokens, mask, t, noise))
+        x_t = q_sample(x0, t, noise, schedule)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+        out_ = net(x_t, t, tokens, mask)
+        loss = l_simple(out_, x0, noise, t, schedule, prediction, min_snr_gamma=cfg.min_snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet)
+        step += 1
+        seen += B * d.world
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            lm = d.mean(loss.item())
+            ips = seen / (time.time() - t0)
+            log.write(step, loss=lm, lr=opt.param_groups[0]["lr"], images_per_s=ips, world=d.world)
+            bar.set_postfix(loss=f"{lm:.4f}", ips=f"{ips:.0f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if d.main:
+                save_checkpoint(out, step, unet, ema, opt, {"config": "config.json"})
+                export_model(unet.config, ema, Path(cfg.vae), out / "model", cfg, {"steps": step})
+                log.plot(("loss",))
+            d.barrier()
+        if d.main and (step % cfg.sample_every == 0 or step == cfg.steps):
+            sample_grid(out / "model", out / f"samples-{step:07d}.png")
+    bar.close()
+    shutdown_distributed()
+    return out / "model"
+
+
+def sample_grid(model_dir: Path, dest: Path, prompts: list[str] = SAMPLE_PROMPTS, steps: int = 20, cfg_scale: float = 4.0) -> Path:
+    """Generate one image per prompt with the engine (the same path users take) and save a grid."""
+    from ..generate import generate, make_request
+    from ..loading.model import load_model
+
+    model = load_model(model_dir)
+    images = []
+    for i, p in enumerate(prompts):
+        images += generate(model, make_request(prompt=p, seed=i, steps=steps, cfg_scale=cfg_scale)).images
+    grid(images, cols=8, scale=2).save(dest)
+    return dest
