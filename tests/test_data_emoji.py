@@ -90,24 +90,25 @@ def test_label_is_cldr_not_unicode_name(records):
     assert tone["skin_tone"] == "medium-dark" and tone["base"] == "1F44B"
 
 
-def test_split_is_stable_and_shared_by_styles_and_tones(records):
-    by_base: dict[str, set[str]] = {}
+def test_split_holds_out_one_style_of_some_emoji_with_all_its_tones(records):
+    by_base: dict[str, dict[str, set[str]]] = {}
     for r in records:
-        assert r["split"] == emoji.split_of(r["base"])
-        by_base.setdefault(r["base"], set()).add(r["split"])
-    assert all(len(splits) == 1 for splits in by_base.values())
+        assert r["split"] == emoji.split_of(r["base"], r["style"])
+        by_base.setdefault(r["base"], {}).setdefault(r["style"], set()).add(r["split"])
+    for styles in by_base.values():
+        assert all(len(splits) == 1 for splits in styles.values())  # every tone of (emoji, style) together
+        assert "train" in set().union(*styles.values())  # each emoji is seen in training in some style
     assert {r["split"] for r in records} == {"train", "test"}
     # Pinned outcomes: changing the rule silently would move emoji between splits.
-    assert [emoji.split_of(u) for u in ("1F600", "1F91D", "1F951", "1F34E", "2764-FE0F")] == [
-        "test",
-        "test",
-        "test",
-        "train",
-        "train",
+    assert [[emoji.split_of(u, s) for s in ("google", "twitter")] for u in ("1F600", "1F91D", "1F34E", "2764-FE0F")] == [
+        ["train", "test"],
+        ["test", "train"],
+        ["train", "train"],
+        ["train", "train"],
     ]
-    assert emoji.split_of("2764-FE0F") == emoji.split_of("2764") == emoji.split_of("2764-fe0f")
-    share = np.mean([emoji.split_of(f"{cp:X}") == "test" for cp in range(0x1F300, 0x1FB00)])
-    assert 0.03 < share < 0.08
+    assert emoji.split_of("2764-FE0F", "google") == emoji.split_of("2764", "google") == emoji.split_of("2764-fe0f", "google")
+    held = np.mean([any(emoji.split_of(f"{cp:X}", s) == "test" for s in emoji.STYLES) for cp in range(0x1F300, 0x1FB00)])
+    assert 0.07 < held < 0.13
 
 
 def test_captions_vary_and_keep_the_label(records):

@@ -42,9 +42,9 @@ Tone = Literal["light", "medium-light", "medium", "medium-dark", "dark"]
 SkinTone = Literal["light", "medium-light", "medium", "medium-dark", "dark", "mixed"]
 
 STYLES: Final[tuple[Style, ...]] = get_args(Style)
-BUILDER_VERSION: Final = 1
+BUILDER_VERSION: Final = 2
 IMAGE_SIZE: Final = 64
-TEST_PERCENT: Final = 5
+TEST_PERCENT: Final = 10  # of base emoji; one of their two styles is held out, so about 5% of images
 DEFAULT_DATA_DIR: Final = Path("~/.cache/dreamlab/data/emoji")
 DEFAULT_CACHE_DIR: Final = Path("~/.cache/dreamlab/npm")
 NPM_TIMEOUT_S: Final = 900
@@ -169,14 +169,18 @@ def hex_key(code: str) -> str:
     return "-".join(part for part in code.upper().split("-") if part != "FE0F")
 
 
-def split_of(base: str) -> Split:
-    """The held-out split of every image of the base emoji ``base`` (its unified code).
+def split_of(base: str, style: Style) -> Split:
+    """The split of the images of base emoji ``base`` (its unified code) drawn in ``style``.
 
-    A function of the code alone (sha256 of ``hex_key(base)``), so every style and skin tone of one emoji
-    lands in the same split, and the split does not move when packages add, drop or reorder emoji.
+    For TEST_PERCENT% of base emoji, chosen by sha256 of ``hex_key(base)``, one style (also chosen by that
+    hash) is held out with all its skin tones; the other style stays in training. So every emoji is a
+    concept the model and the judge have seen, and the test split measures renderings they have not:
+    prompts like "red apple, twitter style" for an apple seen only in google style. A function of the
+    code alone: the split does not move when packages add, drop or reorder emoji.
     """
     digest = hashlib.sha256(hex_key(base).encode("ascii")).digest()
-    return "test" if int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT else "train"
+    held = int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT
+    return "test" if held and STYLES[digest[8] % len(STYLES)] == style else "train"
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ class EmojiEntry:
             "subcategory": self.subcategory,
             "skin_tone": self.skin_tone,
             "skin_tones": list(self.skin_tones),
-            "split": split_of(self.base),
+            "split": split_of(self.base, style),
             "base": self.base,
         }
 
@@ -469,7 +473,8 @@ def _build(
         },
         "metadata": {"file": METADATA_FILE, "sha256": hashlib.sha256(jsonl).hexdigest()},
         "format": "RGBA uint8, straight (not premultiplied) alpha; colour of fully transparent pixels is 0",
-        "split_rule": f"test iff int.from_bytes(sha256(hex_key(base))[:8], 'big') % 100 < {TEST_PERCENT}",
+        "split_rule": f"test iff int.from_bytes(sha256(hex_key(base))[:8], 'big') % 100 < {TEST_PERCENT} "
+        f"and style == {list(STYLES)}[sha256(hex_key(base))[8] % {len(STYLES)}]",
         "skipped": skipped,
         "excluded": excluded,
         "unlabeled": sorted(unlabeled),
