@@ -62,15 +62,6 @@ ALLOW_50 = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Elementwise work on ~1 MB tensors: one thread is as fast, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_every_registered_sampler_is_covered():
     assert {c[1] for c in CONFIGS} == set(SAMPLERS)
 

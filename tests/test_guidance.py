@@ -17,14 +17,6 @@ from dreamlab.core.types import Cond
 SHAPE = (3, 4, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def toy(x, sigma, cond):
     """Deterministic, per-sample, depends on x, sigma and cond.tokens."""
     assert cond is not None and cond.tokens is not None

@@ -15,14 +15,6 @@ SHAPE = (4, 8, 8)
 MU, S = 0.3, 0.6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_denoiser(x, sigma, cond=None):
     """Exact denoiser of x0 ~ N(MU, S^2): per sample, elementwise."""
     sg = sigma.reshape(-1, *(1,) * (x.ndim - 1)).to(x.dtype)

@@ -16,14 +16,6 @@ PREDS = list(Prediction)
 CASES = [("scaled_linear", "scaled_linear", 0.00085, 0.012), ("linear", "linear", 1e-4, 0.02), ("cosine", "squaredcos_cap_v2", 1e-4, 0.02)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -14,25 +14,32 @@ import torch
 _WORDS = "a an the red green blue yellow apple heart star cat dog face smile sun moon tree flower car".split()
 
 
-def make_tiny_model(path: str | Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import BertConfig, BertModel, BertTokenizer
+def tiny_unet(in_channels: int = 4, out_channels: int = 4, cross_dim: int = 16, sample_size: int = 8, seed: int = 0):
+    """A random UNet2DConditionModel with cross-attention, about 65k parameters."""
+    from diffusers import UNet2DConditionModel
 
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels,
         block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         norm_num_groups=4,
         attention_head_dim=2,
-        cross_attention_dim=16,
-    ).save_pretrained(root / "unet")
+        cross_attention_dim=cross_dim,
+    )
+
+
+def make_tiny_model(path: str | Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tiny_unet(seed=seed).save_pretrained(root / "unet")
     AutoencoderKL(
         in_channels=4,
         out_channels=4,

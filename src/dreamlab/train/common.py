@@ -160,6 +160,29 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, ema: EMA) 
     return json.loads((ckpt / "state.json").read_text())
 
 
+def resume(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, d: Dist) -> int:
+    """Load the last complete checkpoint into model, optimizer and EMA; the step to continue from."""
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        return 0
+    model.load_state_dict(type(model).from_pretrained(ckpt / "model").state_dict())
+    step = load_training_state(ckpt, optimizer, ema)["step"]
+    if d.main:
+        print(f"resumed from {ckpt} at step {step}")
+    return step
+
+
+def update(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, lr: float) -> None:
+    """One optimiser step with gradient clipping at norm 1, then the EMA update."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    ema.update(model)
+
+
 # ------------------------------------------------------------------------------------------------- logs
 
 

@@ -31,12 +31,12 @@ from .common import (
     Dist,
     Log,
     init_distributed,
-    latest_checkpoint,
-    load_training_state,
     lr_at,
+    resume,
     save_checkpoint,
     save_config,
     shutdown_distributed,
+    update,
 )
 
 SAMPLE_PROMPTS = [
@@ -189,8 +189,6 @@ def export_model(unet_cfg: dict, ema: EMA, vae_dir: Path, dest: Path, cfg: UNetC
 
 
 def train_unet(cfg: UNetConfig) -> Path:
-    from diffusers import UNet2DConditionModel
-
     d: Dist = init_distributed(cfg.device)
     out = Path(cfg.out).expanduser()
     cache = out / "cache"
@@ -209,13 +207,7 @@ def train_unet(cfg: UNetConfig) -> Path:
     unet = build_unet(cfg)
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    step = 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(ckpt / "model").state_dict())
-        step = load_training_state(ckpt, opt, ema)["step"]
-        if d.main:
-            print(f"resumed from {ckpt} at step {step}")
+    step = resume(out, unet, opt, ema, d)
     unet.to(d.device).train()
     net = DDP(_Net(unet)) if d.world > 1 else _Net(unet)
     log = Log(out, enabled=d.main)
@@ -241,15 +233,8 @@ def train_unet(cfg: UNetConfig) -> Path:
         noise = torch.randn(x0.shape, generator=gen)
         x0, tokens, mask, t, noise = (v.to(d.device) for v in (x0, tokens, mask, t, noise))
         x_t = q_sample(x0, t, noise, schedule)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        out_ = net(x_t, t, tokens, mask)
-        loss = l_simple(out_, x0, noise, t, schedule, prediction, min_snr_gamma=cfg.min_snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema.update(unet)
+        loss = l_simple(net(x_t, t, tokens, mask), x0, noise, t, schedule, prediction, min_snr_gamma=cfg.min_snr_gamma)
+        update(loss, unet, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         step += 1
         seen += B * d.world
         bar.update(1)

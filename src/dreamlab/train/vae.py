@@ -27,12 +27,12 @@ from .common import (
     Dist,
     Log,
     init_distributed,
-    latest_checkpoint,
-    load_training_state,
     lr_at,
+    resume,
     save_checkpoint,
     save_config,
     shutdown_distributed,
+    update,
 )
 
 
@@ -160,15 +160,7 @@ def train_vae(cfg: VAEConfig) -> Path:
     vae = build_vae(cfg)
     ema = EMA(vae, cfg.ema_decay)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    step = 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        from diffusers import AutoencoderKL
-
-        vae.load_state_dict(AutoencoderKL.from_pretrained(ckpt / "model").state_dict())
-        step = load_training_state(ckpt, opt, ema)["step"]
-        if d.main:
-            print(f"resumed from {ckpt} at step {step}")
+    step = resume(out, vae, opt, ema, d)
     vae.to(d.device).train()
     model = DDP(_Autoencode(vae)) if d.world > 1 else _Autoencode(vae)
     log = Log(out, enabled=d.main)
@@ -181,17 +173,10 @@ def train_vae(cfg: VAEConfig) -> Path:
     while step < cfg.steps:
         idx = torch.randint(len(train_images), (cfg.batch_size,), generator=gen)
         x = train_images[idx].to(d.device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         recon, mean, logvar = model(x)
         rec = reconstruction_loss(recon, x)
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
-        loss = rec + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        ema.update(vae)
+        update(rec + cfg.kl_weight * kl, vae, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         step += 1
         seen += cfg.batch_size * d.world
         bar.update(1)
