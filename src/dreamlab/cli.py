@@ -22,7 +22,7 @@ def _output_paths(out: Path, n: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .generate import generate, make_request
+    from .generate import encode_image, generate, make_request
     from .loading.model import load_model
     from .metadata import save_png
 
@@ -40,6 +40,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "width": args.width,
         "height": args.height,
         "batch": args.batch,
+        "strength": args.strength,
+        "init_image": encode_image(args.init_image) if args.init_image else None,
+        "mask_image": encode_image(args.mask) if args.mask else None,
     }
     request = make_request(**{k: v for k, v in fields.items() if v is not None})
     if args.threads:
@@ -73,6 +76,71 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, required: tuple[str, ...] = ()) -> None:
+    """One --option per field of a config dataclass; tuples are comma-separated."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is dataclasses.MISSING else f.default
+        kind = str(f.type)
+        if "tuple[int" in kind:
+            conv = lambda v: tuple(int(p) for p in v.split(","))  # noqa: E731
+        elif "tuple[str" in kind:
+            conv = lambda v: tuple(p for p in v.split(",") if p)  # noqa: E731
+        elif "float" in kind:
+            conv = float
+        elif "int" in kind:
+            conv = int
+        else:
+            conv = str
+        parser.add_argument(flag, dest=f.name, type=conv, default=default, required=f.name in required,
+                            help=f"default: {default}" if default is not None else None)
+
+
+def _config(cls, args: argparse.Namespace):
+    """The config dataclass ``cls`` from the parsed options; sets torch's threads if asked."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return cls(**{k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__})
+
+
+def _train(what: str, module: str, config: str, fn: str):
+    """A `dreamlab train WHAT` command: build the config, train, say where the result is (rank 0)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        mod = importlib.import_module(module, __package__)
+        out = getattr(mod, fn)(_config(getattr(mod, config), args))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{what}: {out}")
+        return 0
+
+    return run
+
+
+cmd_train_vae = _train("exported VAE", ".train.vae", "VAEConfig", "train_vae")
+cmd_train_unet = _train("exported model", ".train.unet", "UNetConfig", "train_unet")
+cmd_train_judge = _train("judge", ".eval.judge", "JudgeConfig", "train_judge")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.evaluate import EvalConfig, evaluate, format_table, save_result
+
+    result = evaluate(_config(EvalConfig, args))
+    print(format_table(result))
+    print(f"{result['n_generated']} generated images, {result['n_real_held_out']} held-out real; "
+          f"{result['seconds_per_image']:.2f} s per generated image")
+    if args.json:
+        save_result(result, Path(args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dreamlab", description="Diffusion image generation, editing and training.")
     p.add_argument("--version", action="version", version=f"dreamlab {__version__}")
@@ -93,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--batch", type=int)
+    g.add_argument("--init-image", help="img2img / inpainting source image file")
+    g.add_argument("--strength", type=float, help="img2img: share of the schedule re-run, 0..1 (default 0.75)")
+    g.add_argument("--mask", help="inpainting mask image file: white = repaint")
     g.add_argument("--model", help="model folder (diffusers format); default: the installed default model")
     g.add_argument("--device", default="cpu")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -102,6 +173,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("samplers", help="list the samplers")
     s.set_defaults(func=cmd_samplers)
+
+    from .replay import add_cli as add_replay_cli
+    from .server.cli import add_cli as add_serve_cli
+
+    add_serve_cli(sub)
+    add_replay_cli(sub)
+
+    from .data.emoji import add_cli as add_emoji_cli
+    from .train.unet import UNetConfig
+    from .train.vae import VAEConfig
+
+    data = sub.add_parser("data", help="build training data").add_subparsers(dest="dataset", required=True)
+    add_emoji_cli(data)
+
+    train = sub.add_parser("train", help="train models (resumes from the last checkpoint in --out)")
+    tsub = train.add_subparsers(dest="model", required=True)
+    tv = tsub.add_parser("vae", help="the RGBA autoencoder")
+    add_dataclass_args(tv, VAEConfig, required=("data", "out"))
+    tv.add_argument("--threads", type=int)
+    tv.set_defaults(func=cmd_train_vae)
+    tu = tsub.add_parser("unet", help="the latent text-conditional UNet")
+    add_dataclass_args(tu, UNetConfig, required=("data", "vae", "out"))
+    tu.add_argument("--threads", type=int)
+    tu.set_defaults(func=cmd_train_unet)
+    from .eval.evaluate import EvalConfig
+    from .eval.judge import JudgeConfig
+
+    tj = tsub.add_parser("judge", help="the emoji classifier used by `dreamlab eval`")
+    add_dataclass_args(tj, JudgeConfig, required=("data", "out"))
+    tj.add_argument("--threads", type=int)
+    tj.set_defaults(func=cmd_train_judge)
+
+    ev = sub.add_parser("eval", help="FID, KID and prompt alignment of a model, with the held-out real ceiling")
+    add_dataclass_args(ev, EvalConfig, required=("data", "judge"))
+    ev.add_argument("--json", help="also write the results here")
+    ev.add_argument("--threads", type=int)
+    ev.set_defaults(func=cmd_eval)
     return p
 
 

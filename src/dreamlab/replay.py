@@ -1,0 +1,198 @@
+"""``dreamlab replay``: regenerate an image from the manifest in its PNG and compare the pixels.
+
+The manifest records the request (seed fixed, batch of one), the model folder and the sha256 of every
+model file. Replay loads the model (``--model`` or the recorded folder), names every model file that was
+changed, removed or added since, checks the img2img / inpainting inputs against the sha256 the manifest
+records for them, generates, writes the PNG and says whether it is identical to the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DreamlabError, IntegrityError
+
+
+@dataclass
+class ModelDiff:
+    changed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # recorded, not in the model now
+    added: list[str] = field(default_factory=list)  # in the model now, not recorded
+
+    def __bool__(self) -> bool:
+        return bool(self.changed or self.missing or self.added)
+
+    def lines(self) -> list[str]:
+        return (
+            [f"changed: {p}" for p in self.changed]
+            + [f"missing: {p} (recorded in the manifest, not in the model now)" for p in self.missing]
+            + [f"added:   {p} (in the model now, not recorded in the manifest)" for p in self.added]
+        )
+
+
+def diff_model_files(recorded: dict[str, str], current: dict[str, str]) -> ModelDiff:
+    return ModelDiff(
+        changed=sorted(p for p in recorded.keys() & current.keys() if recorded[p] != current[p]),
+        missing=sorted(recorded.keys() - current.keys()),
+        added=sorted(current.keys() - recorded.keys()),
+    )
+
+
+def input_candidates(path: str | Path) -> list[str]:
+    """The base64 strings a client could have sent for this file: its bytes as they are (what the HTTP
+    API and web UI record), the PNG re-encoding ``encode_image`` makes (what ``dreamlab generate`` sends),
+    and data URLs of the bytes."""
+    from PIL import Image
+
+    from .generate import encode_image
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DreamlabError(f"cannot read {path}: {e.strerror or e}") from None
+    raw = base64.b64encode(data).decode("ascii")
+    out = [raw, encode_image(path)]
+    try:
+        with Image.open(path) as im:
+            mime = Image.MIME.get(im.format or "")
+    except OSError:
+        mime = None
+    for m in dict.fromkeys([mime, "image/png", "image/jpeg"]):
+        if m:
+            out.append(f"data:{m};base64,{raw}")
+    return out
+
+
+def resolve_input(recorded: str, path: str | None, what: str, flag: str) -> str:
+    """The request value for an input recorded as ``sha256:<hex>``, from the file the user passes."""
+    if not recorded.startswith("sha256:"):
+        return recorded  # recorded inline (not by hash): use it as it is
+    if path is None:
+        raise DreamlabError(f"this image was made from an {what} ({recorded}); pass it with {flag} FILE")
+    expected = recorded.removeprefix("sha256:")
+    for candidate in input_candidates(path):
+        if hashlib.sha256(candidate.encode("ascii")).hexdigest() == expected:
+            return candidate
+    raise IntegrityError(f"{path} is not the {what} this image was made from (its hash does not match {recorded})")
+
+
+def compare_pixels(a, b) -> tuple[int, int, int]:
+    """(pixels that differ, all pixels, largest channel difference) of two images of one size and mode."""
+    import numpy as np
+
+    x, y = np.asarray(a), np.asarray(b)
+    if x.shape != y.shape:
+        return -1, int(np.prod(x.shape[:2])), -1
+    diff = np.abs(x.astype(np.int16) - y.astype(np.int16))
+    per_pixel = diff.reshape(diff.shape[0], diff.shape[1], -1).max(axis=-1)
+    return int((per_pixel > 0).sum()), int(per_pixel.size), int(diff.max(initial=0))
+
+
+@dataclass
+class ReplayReport:
+    output: Path
+    differing: int  # pixels that differ from the original; -1 when the sizes differ
+    pixels: int
+    max_diff: int
+    model_diff: ModelDiff
+    environment: list[str]  # version or platform differences
+
+    @property
+    def identical(self) -> bool:
+        return self.differing == 0
+
+
+def replay(
+    image: str | Path,
+    output: str | Path,
+    *,
+    model_dir: str | Path | None = None,
+    init_image: str | None = None,
+    mask: str | None = None,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    log=print,
+) -> ReplayReport:
+    import torch
+    from PIL import Image
+
+    from . import __version__
+    from .generate import generate, make_request
+    from .loading.model import load_model
+    from .metadata import read_manifest, save_png
+
+    manifest = read_manifest(image)
+    fields: dict[str, Any] = dict(manifest["request"])
+    if fields.get("init_image"):
+        fields["init_image"] = resolve_input(fields["init_image"], init_image, "init image", "--init-image")
+    elif init_image:
+        raise DreamlabError("this image was not made from an init image; drop --init-image")
+    if fields.get("mask_image"):
+        fields["mask_image"] = resolve_input(fields["mask_image"], mask, "inpainting mask", "--mask")
+    elif mask:
+        raise DreamlabError("this image was not made with a mask; drop --mask")
+    request = make_request(**fields)
+
+    source = model_dir or manifest["model"].get("source")
+    if not source:
+        raise DreamlabError("the manifest names no model folder; pass --model DIR")
+    model = load_model(source, device=device, allow_pickle=allow_pickle)
+    model_diff = diff_model_files(manifest["model"].get("files", {}), model.files)
+    if model_diff:
+        log(f"the model in {model.source} differs from the one that made this image:")
+        for line in model_diff.lines():
+            log("  " + line)
+    environment = [
+        f"{what}: recorded {manifest.get(key)}, now {now}"
+        for what, key, now in (
+            ("dreamlab", "dreamlab_version", __version__),
+            ("torch", "torch_version", torch.__version__),
+            ("platform", "platform", __import__("platform").machine()),
+        )
+        if manifest.get(key) != now
+    ]
+    for line in environment:
+        log(f"environment differs: {line} (bit-identical replay needs the same versions and machine)")
+
+    result = generate(model, request)
+    out = save_png(result.images[0], output, result.manifests[0])
+    with Image.open(image) as original:
+        original.load()
+        differing, pixels, max_diff = compare_pixels(original, result.images[0])
+    return ReplayReport(out, differing, pixels, max_diff, model_diff, environment)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("replay", help="regenerate an image from its manifest and compare the pixels")
+    r.add_argument("image", help="a PNG made by dreamlab (it carries the manifest)")
+    r.add_argument("-o", "--output", default="replay.png", help="where to write the regenerated PNG")
+    r.add_argument("--model", help="model folder (default: the folder recorded in the manifest)")
+    r.add_argument("--init-image", help="the img2img / inpainting source the image was made from")
+    r.add_argument("--mask", help="the inpainting mask the image was made with")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
+    r.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Exit status 0: identical; 1: the pixels differ; 2: an error (as every dreamlab command)."""
+    report = replay(args.image, args.output, model_dir=args.model, init_image=args.init_image, mask=args.mask,
+                    device=args.device, allow_pickle=args.allow_pickle)
+    print(f"wrote {report.output}")
+    if report.identical:
+        print(f"identical: all {report.pixels} pixels match {args.image}")
+        return 0
+    if report.differing < 0:
+        print(f"different: the replayed image's size differs from {args.image}'s")
+    else:
+        print(f"different: {report.differing} of {report.pixels} pixels differ from {args.image} "
+              f"(largest channel difference {report.max_diff}/255)")
+    if report.model_diff:
+        print("likely cause: the model files changed (" + "; ".join(report.model_diff.lines()) + ")", file=sys.stderr)
+    return 1
