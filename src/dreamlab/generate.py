@@ -93,14 +93,23 @@ def open_image(data: bytes, what: str) -> Image.Image:
     return image
 
 
-def decode_image(b64: str, what: str) -> Image.Image:
+def image_bytes(b64: str, what: str) -> bytes:
+    """The file bytes a base64 request field carries (an optional data: URL prefix is allowed)."""
     if b64.startswith("data:"):
         b64 = b64.partition(",")[2]
     try:
-        data = base64.b64decode(b64, validate=True)
+        return base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequestError(f"{what} is not valid base64") from None
-    return open_image(data, what)
+
+
+def decode_image(b64: str, what: str) -> Image.Image:
+    return open_image(image_bytes(b64, what), what)
+
+
+def image_sha256(b64: str, what: str = "image") -> str:
+    """How manifests record an input image: "sha256:" + the hash of its file bytes (= sha256sum FILE)."""
+    return "sha256:" + hashlib.sha256(image_bytes(b64, what)).hexdigest()
 
 
 def format_validation_error(e: ValidationError) -> str:
@@ -149,8 +158,6 @@ def _to_tensor(image: Image.Image, channels: int, width: int, height: int) -> to
 def _load_inputs(req: GenerationRequest, model: ModelBundle, width: int, height: int):
     """Decode the source image and mask of img2img / inpainting, at the output size."""
     if req.init_image is None:
-        if req.mask_image is not None:
-            raise InvalidRequestError("mask_image needs an init_image to inpaint")
         return None, None
     source = _to_tensor(decode_image(req.init_image, "init_image"), model.space.image_channels, width, height)
     mask = None
@@ -160,22 +167,33 @@ def _load_inputs(req: GenerationRequest, model: ModelBundle, width: int, height:
 
 
 def _recorded(request: dict[str, Any]) -> dict[str, Any]:
-    """The request as a manifest records it: input images by sha256 rather than inline."""
+    """The request as a manifest records it: input images by the sha256 of their bytes, not inline."""
     for key in ("init_image", "mask_image"):
         if request.get(key):
-            request[key] = "sha256:" + hashlib.sha256(request[key].encode("ascii")).hexdigest()
+            request[key] = image_sha256(request[key], key)
     return request
 
 
-def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCallback | None = None) -> Result:
-    req = request
+def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]:
+    """What a valid request can still get wrong against a particular model; the output (width, height).
+    Raises InvalidRequestError. Cheap: decodes no image and runs no network."""
     width, height = req.width or model.sample_size, req.height or model.sample_size
     f = model.space.factor
     if width % f or height % f:
         raise InvalidRequestError(f"size {width}x{height} is not divisible by the model's factor {f}")
+    if req.seed is not None and req.seed + req.batch - 1 > MAX_SEED:
+        raise InvalidRequestError("seed + batch - 1 exceeds 2**63 - 1")
+    if req.mask_image is not None and req.init_image is None:
+        raise InvalidRequestError("mask_image needs an init_image to inpaint")
+    _sampler_options(req)
+    return width, height
+
+
+def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCallback | None = None) -> Result:
+    req = request
+    width, height = check_request(model, req)
+    f = model.space.factor
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    if seed + req.batch - 1 > MAX_SEED:
-        raise InvalidRequestError(f"seed + batch - 1 exceeds 2**63 - 1")
     options = _sampler_options(req)
     sampler = get_sampler(req.sampler)
 

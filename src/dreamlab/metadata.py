@@ -28,6 +28,7 @@ def a1111_parameters(manifest: dict[str, Any]) -> str:
         "Sampler": req["sampler"],
         "Schedule type": req["schedule"],
         "CFG scale": req["cfg_scale"],
+        "Denoising strength": req["strength"] if req.get("init_image") else None,
         "Seed": manifest["seed"],
         "Size": f"{manifest['width']}x{manifest['height']}",
         "Model hash": weights[0][:10] if weights else None,
