@@ -77,3 +77,15 @@ def test_unet_training_with_two_processes_on_gloo(tmp_path):
     assert latest_checkpoint(out).name == "step-0000002"
     spec = json.loads((out / "model" / "dreamlab.json").read_text())
     assert spec["text_encoder"]["source"] == "minilm"
+
+
+def test_training_starts_from_committed_weights_when_checkpoints_are_lost(tmp_path):
+    from diffusers import AutoencoderKL
+
+    first = tmp_path / "first"
+    train_vae(VAEConfig(data=str(FIXTURE), out=str(first), steps=2, **TINY_VAE))
+    second = tmp_path / "second"  # a new machine: no checkpoints, only the exported EMA weights
+    train_vae(VAEConfig(data=str(FIXTURE), out=str(second), steps=1, lr=1e-12, init=str(first / "vae"), **TINY_VAE))
+    start = AutoencoderKL.from_pretrained(first / "vae").state_dict()
+    after = AutoencoderKL.from_pretrained(latest_checkpoint(second) / "model").state_dict()
+    assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)

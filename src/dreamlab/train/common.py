@@ -160,10 +160,21 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, ema: EMA) 
     return json.loads((ckpt / "state.json").read_text())
 
 
-def resume(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, d: Dist) -> int:
-    """Load the last complete checkpoint into model, optimizer and EMA; the step to continue from."""
+def resume(
+    out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, d: Dist, init: str | None = None
+) -> int:
+    """Load the last complete checkpoint into model, optimizer and EMA; the step to continue from.
+
+    Without a checkpoint, ``init`` (a diffusers folder of weights, e.g. the EMA weights committed as a
+    fallback when the full checkpoints are lost) seeds the model and its EMA; the optimizer starts fresh.
+    """
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None:
+        if init:
+            model.load_state_dict(type(model).from_pretrained(init).state_dict())
+            ema.__init__(model, ema.decay)
+            if d.main:
+                print(f"initialised from {init}")
         return 0
     model.load_state_dict(type(model).from_pretrained(ckpt / "model").state_dict())
     step = load_training_state(ckpt, optimizer, ema)["step"]

@@ -64,6 +64,7 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (64, 128, 256)
     layers_per_block: int = 2
     attention_head_dim: int = 8
+    init: str | None = None  # weights to start from when --out has no checkpoint (diffusers folder)
     ema_decay: float = 0.9995
     ckpt_every: int = 500
     sample_every: int = 2000
@@ -207,7 +208,7 @@ def train_unet(cfg: UNetConfig) -> Path:
     unet = build_unet(cfg)
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    step = resume(out, unet, opt, ema, d)
+    step = resume(out, unet, opt, ema, d, cfg.init)
     unet.to(d.device).train()
     net = DDP(_Net(unet)) if d.world > 1 else _Net(unet)
     log = Log(out, enabled=d.main)

@@ -48,6 +48,7 @@ class VAEConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 128)  # 3 levels: factor 4
     layers_per_block: int = 1
     latent_channels: int = 4
+    init: str | None = None  # weights to start from when --out has no checkpoint (diffusers folder)
     ema_decay: float = 0.999
     ckpt_every: int = 500
     eval_every: int = 500
@@ -160,7 +161,7 @@ def train_vae(cfg: VAEConfig) -> Path:
     vae = build_vae(cfg)
     ema = EMA(vae, cfg.ema_decay)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    step = resume(out, vae, opt, ema, d)
+    step = resume(out, vae, opt, ema, d, cfg.init)
     vae.to(d.device).train()
     model = DDP(_Autoencode(vae)) if d.world > 1 else _Autoencode(vae)
     log = Log(out, enabled=d.main)
