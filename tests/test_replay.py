@@ -1,7 +1,8 @@
 """`dreamlab replay`: bit-identical regeneration from a PNG's manifest, named model-file differences, and
-img2img / inpainting inputs verified by their recorded sha256."""
+img2img / inpainting input files verified by the sha256 of their bytes that the manifest records."""
 
 import base64
+import hashlib
 import shutil
 import time
 
@@ -10,11 +11,12 @@ import pytest
 from PIL import Image
 
 from dreamlab.cli import main
-from dreamlab.generate import encode_image, generate, make_request
+from dreamlab.generate import generate, make_request
 from dreamlab.loading.model import load_model
 from dreamlab.metadata import read_manifest, save_png
 from dreamlab.models.tiny import make_tiny_model
-from dreamlab.replay import compare_pixels, diff_model_files
+from dreamlab.errors import DreamlabError, IntegrityError
+from dreamlab.replay import compare_pixels, diff_model_files, resolve_input
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +99,56 @@ def test_img2img_from_the_cli_needs_and_verifies_its_source(tiny_dir, tmp_path, 
     assert "was not made with a mask" in capsys.readouterr().err
 
 
+def test_img2img_from_the_cli_with_a_jpeg_replays_from_the_same_file(tiny_dir, tmp_path, capsys):
+    Image.open(source_file(tmp_path / "src.png")).convert("RGB").save(tmp_path / "src.jpg", quality=90)
+    out = tmp_path / "edit.png"
+    assert main(["generate", "x", "-o", str(out), "--model", str(tiny_dir), "--init-image", str(tmp_path / "src.jpg"),
+                 "--seed", "1", "--steps", "3", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["replay", str(out), "--init-image", str(tmp_path / "src.jpg"), "-o", str(tmp_path / "r.png")]) == 0
+
+
 def test_inpainting_sent_as_raw_file_bytes_replays_from_the_files(tiny, tmp_path, capsys):
     """What the HTTP API and web UI send: base64 of the files' own bytes (a JPEG source here)."""
     Image.open(source_file(tmp_path / "src.png")).convert("RGB").save(tmp_path / "src.jpg", quality=90)
     mask = mask_file(tmp_path / "mask.png")
     raw = {name: base64.b64encode((tmp_path / name).read_bytes()).decode() for name in ("src.jpg", "mask.png")}
-    assert raw["src.jpg"] != encode_image(tmp_path / "src.jpg")
     res = generate(tiny, make_request(prompt="x", init_image=raw["src.jpg"], mask_image=raw["mask.png"], strength=1.0, seed=9, steps=4))
+    for key, name in (("init_image", "src.jpg"), ("mask_image", "mask.png")):  # = sha256sum FILE
+        assert res.manifests[0]["request"][key] == "sha256:" + hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
     image = save_png(res.images[0], tmp_path / "inpainted.png", res.manifests[0])
     assert main(["replay", str(image), "--init-image", str(tmp_path / "src.jpg"), "-o", str(tmp_path / "r.png")]) == 2
     assert "pass it with --mask FILE" in capsys.readouterr().err
     rc = main(["replay", str(image), "--init-image", str(tmp_path / "src.jpg"), "--mask", str(mask), "-o", str(tmp_path / "r.png")])
     assert rc == 0 and "identical" in capsys.readouterr().out
+
+
+def test_an_input_is_checked_by_its_bytes_alone(tiny, tmp_path, capsys):
+    """A data: URL and plain base64 of one file record the same hash; a file with the same pixels but other
+    bytes is not the recorded input."""
+    src = source_file(tmp_path / "src.png")
+    raw = base64.b64encode(src.read_bytes()).decode()
+    digest = "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest()
+    res = generate(tiny, make_request(prompt="x", init_image="data:image/png;base64," + raw, strength=0.5, seed=1, steps=3))
+    assert res.manifests[0]["request"]["init_image"] == digest
+    image = save_png(res.images[0], tmp_path / "edit.png", res.manifests[0])
+
+    same_pixels = tmp_path / "same-pixels.png"
+    Image.open(src).save(same_pixels, compress_level=1)
+    assert same_pixels.read_bytes() != src.read_bytes()
+    assert np.array_equal(np.asarray(Image.open(same_pixels)), np.asarray(Image.open(src)))
+    assert main(["replay", str(image), "--init-image", str(same_pixels), "-o", str(tmp_path / "r.png")]) == 2
+    err = capsys.readouterr().err
+    assert "is not the init image this image was made from" in err and digest in err
+    assert main(["replay", str(image), "--init-image", str(src), "-o", str(tmp_path / "r.png")]) == 0
+    assert "identical" in capsys.readouterr().out
+
+    assert resolve_input(digest, str(src), "init image", "--init-image") == raw
+    assert resolve_input("inline-base64", None, "init image", "--init-image") == "inline-base64"
+    with pytest.raises(IntegrityError):
+        resolve_input(digest, str(same_pixels), "init image", "--init-image")
+    with pytest.raises(DreamlabError, match="cannot read"):
+        resolve_input(digest, str(tmp_path / "missing.png"), "init image", "--init-image")
 
 
 def test_replay_errors_are_one_line(tmp_path, capsys):
@@ -148,7 +188,7 @@ def test_a_server_made_inpainting_replays_from_the_inputs_the_server_kept(tiny, 
     body = {"prompt": "x", "steps": 3, "seed": 4, "strength": 0.9,
             "init_image": base64.b64encode(src.read_bytes()).decode(),
             "mask_image": "data:image/png;base64," + base64.b64encode(mask.read_bytes()).decode()}
-    with TestClient(create_app(tiny, tmp_path / "data")) as client:
+    with TestClient(create_app(tiny, tmp_path / "data", ui=False)) as client:
         job_id = client.post("/api/jobs", json=body).json()["id"]
         for _ in range(600):
             job = client.get(f"/api/jobs/{job_id}").json()

@@ -2,6 +2,7 @@
 jobs, progress, cancellation, validation, limits, the gallery, restarts, and no path traversal."""
 
 import base64
+import hashlib
 import io
 import json
 import time
@@ -32,7 +33,9 @@ def tiny(tiny_dir):
 
 @pytest.fixture
 def client(tiny, tmp_path):
-    with TestClient(create_app(tiny, tmp_path / "data")) as c:
+    """The API alone (the Gradio UI costs about half a second per app; test_ui.py and the browser test
+    cover it, and test_info_ui_and_openapi the app with both)."""
+    with TestClient(create_app(tiny, tmp_path / "data", ui=False)) as c:
         yield c
 
 
@@ -106,14 +109,14 @@ def test_img2img_and_inpainting_record_their_inputs(client, tiny):
     assert np.array_equal(out[:, :8], np.asarray(source_image())[:, :8])  # the known half is kept
     manifest = client.get(f"/api/gallery/{job['images'][0]['id']}").json()["manifest"]
     for key, b64 in (("init_image", src), ("mask_image", mask_b64)):
-        recorded = manifest["request"][key]
-        assert recorded == job["request"][key] and recorded.startswith("sha256:")
+        recorded = manifest["request"][key]  # = sha256sum of the file that was sent
+        assert recorded == job["request"][key] == "sha256:" + hashlib.sha256(base64.b64decode(b64)).hexdigest()
         kept = client.get(f"/api/inputs/{recorded.removeprefix('sha256:')}")
         assert kept.status_code == 200 and base64.b64encode(kept.content).decode() == b64
 
 
 def test_progress_streams_steps_and_previews(tiny, tmp_path):
-    app = create_app(tiny, tmp_path / "data", preview_every=1)
+    app = create_app(tiny, tmp_path / "data", preview_every=1, ui=False)
     slow_steps(app, 0.12)
     with TestClient(app) as client:
         job_id = client.post("/api/jobs", json={"prompt": "red apple", "steps": 6, "seed": 1}).json()["id"]
@@ -137,7 +140,7 @@ def test_progress_streams_steps_and_previews(tiny, tmp_path):
 
 
 def test_preview_can_be_polled_while_running(tiny, tmp_path):
-    app = create_app(tiny, tmp_path / "data", preview_every=1)
+    app = create_app(tiny, tmp_path / "data", preview_every=1, ui=False)
     slow_steps(app, 0.1)
     with TestClient(app) as client:
         job_id = client.post("/api/jobs", json={"prompt": "x", "steps": 40, "seed": 1}).json()["id"]
@@ -153,7 +156,7 @@ def test_preview_can_be_polled_while_running(tiny, tmp_path):
 
 
 def test_cancel_queued_and_running_jobs(tiny, tmp_path):
-    app = create_app(tiny, tmp_path / "data")
+    app = create_app(tiny, tmp_path / "data", ui=False)
     slow_steps(app, 0.05)
     with TestClient(app) as client:
         running = client.post("/api/jobs", json={"prompt": "a", "steps": 100, "seed": 1}).json()["id"]
@@ -181,17 +184,18 @@ def test_cancel_queued_and_running_jobs(tiny, tmp_path):
         ({"steps": 151}, "steps: at most 150 on this server"),
         ({"batch": 9}, "batch: at most 8"),
         ({"batch": 100}, "batch: "),
-        ({"width": 17}, "width: 17 is not divisible"),
+        ({"width": 17}, "size 17x16 is not divisible by the model's factor 2"),
         ({"width": 2048}, "width: at most 1024"),
         ({"prompt": "a" * 1001}, "prompt: at most 1000 characters"),
         ({"prompt": "a" * 3000}, "prompt: "),
         ({"cfg_scale": -1}, "cfg_scale: "),
         ({"schedule": "weird"}, "schedule: "),
-        ({"mask_image": encode_image(source_image())}, "mask_image: needs an init_image"),
+        ({"mask_image": encode_image(source_image())}, "mask_image needs an init_image"),
         ({"init_image": "%%%"}, "init_image: not valid base64"),
         ({"init_image": base64.b64encode(b"not an image").decode()}, "init_image: not a readable image"),
-        ({"sampler": "euler", "eta": 0.5}, "eta: sampler 'euler' takes no eta"),
-        ({"seed": 2**63 - 1, "batch": 2}, "seed: seed + batch - 1"),
+        ({"sampler": "euler", "eta": 0.5}, "sampler 'euler' takes no eta"),
+        ({"seed": 2**63 - 1, "batch": 2}, "seed + batch - 1 exceeds 2**63 - 1"),
+        ({"steps": 151, "batch": 9}, "steps: at most 150 on this server; batch: at most 8 on this server"),
         ({"seed": 2**64}, "seed: "),
         ({"nonsense": 1}, "nonsense: Extra inputs are not permitted"),
         ({"prompt": 5}, "prompt: "),
@@ -214,7 +218,7 @@ def test_malformed_bodies_are_4xx_never_5xx(client):
 
 def test_body_size_and_queue_length_are_bounded(tiny, tmp_path):
     limits = Limits(max_body_bytes=10_000, max_queue=2)
-    with TestClient(create_app(tiny, tmp_path / "data", limits=limits, run_worker=False)) as client:
+    with TestClient(create_app(tiny, tmp_path / "data", limits=limits, run_worker=False, ui=False)) as client:
         big = {"prompt": "x", "init_image": "A" * 20_000}
         assert client.post("/api/jobs", json=big).status_code == 413
         chunked = client.post("/api/jobs", content=iter([json.dumps(big).encode()]), headers={"content-type": "application/json"})
@@ -276,14 +280,14 @@ def test_path_traversal_never_reaches_the_filesystem(client, tmp_path):
 
 def test_jobs_survive_a_restart(tiny, tmp_path):
     data = tmp_path / "data"
-    with TestClient(create_app(tiny, data, run_worker=False)) as client:
+    with TestClient(create_app(tiny, data, run_worker=False, ui=False)) as client:
         ids = [client.post("/api/jobs", json={"prompt": f"p{i}", "steps": 2, "seed": i}).json()["id"] for i in range(3)]
         store = client.app.state.server.store
         interrupted = store.claim()  # as if the server died while running it
         assert interrupted.id == ids[0] and interrupted.state == "running"
         cancelled = store.claim()
         store.cancel(cancelled.id)  # cancellation asked for, then the server died
-    with TestClient(create_app(tiny, data)) as client:
+    with TestClient(create_app(tiny, data, ui=False)) as client:
         jobs = [wait(client, i) for i in ids]
         assert [j["state"] for j in jobs] == ["done", "cancelled", "done"]
         assert jobs[0]["attempts"] == 2 and jobs[2]["attempts"] == 1
@@ -293,7 +297,7 @@ def test_jobs_survive_a_restart(tiny, tmp_path):
 def test_stopping_the_server_puts_the_running_job_back_in_the_queue(tiny, tmp_path):
     from dreamlab.server.queue import JobStore
 
-    app = create_app(tiny, tmp_path / "data")
+    app = create_app(tiny, tmp_path / "data", ui=False)
     slow_steps(app, 0.05)
     with TestClient(app) as client:
         job_id = client.post("/api/jobs", json={"prompt": "x", "steps": 100, "seed": 1}).json()["id"]
@@ -309,12 +313,12 @@ def test_stopping_the_server_puts_the_running_job_back_in_the_queue(tiny, tmp_pa
 
 def test_a_job_that_keeps_killing_the_server_fails_after_three_attempts(tiny, tmp_path):
     data = tmp_path / "data"
-    with TestClient(create_app(tiny, data, run_worker=False)) as client:
+    with TestClient(create_app(tiny, data, run_worker=False, ui=False)) as client:
         job_id = client.post("/api/jobs", json={"steps": 1}).json()["id"]
     for _ in range(3):
-        with TestClient(create_app(tiny, data, run_worker=False)) as client:
+        with TestClient(create_app(tiny, data, run_worker=False, ui=False)) as client:
             client.app.state.server.store.claim()
-    with TestClient(create_app(tiny, data, run_worker=False)) as client:
+    with TestClient(create_app(tiny, data, run_worker=False, ui=False)) as client:
         job = client.get(f"/api/jobs/{job_id}").json()
         assert job["state"] == "failed" and "gave up after 3 attempts" in job["error"]
 
@@ -322,17 +326,17 @@ def test_a_job_that_keeps_killing_the_server_fails_after_three_attempts(tiny, tm
 def test_one_server_per_data_folder(tiny, tmp_path):
     from dreamlab.errors import DreamlabError
 
-    with TestClient(create_app(tiny, tmp_path / "data", run_worker=False)):
+    with TestClient(create_app(tiny, tmp_path / "data", run_worker=False, ui=False)):
         with pytest.raises(DreamlabError, match="another dreamlab server is using"):
-            create_app(tiny, tmp_path / "data")
-    with TestClient(create_app(tiny, tmp_path / "data", run_worker=False)):  # free again once stopped
+            create_app(tiny, tmp_path / "data", ui=False)
+    with TestClient(create_app(tiny, tmp_path / "data", run_worker=False, ui=False)):  # free again once stopped
         pass
 
 
 def test_a_failing_job_records_its_error_and_the_worker_goes_on(tiny_dir, tmp_path):
     broken = load_model(tiny_dir)
     broken.unet.conv_out.bias.data.fill_(float("nan"))
-    with TestClient(create_app(broken, tmp_path / "data")) as client:
+    with TestClient(create_app(broken, tmp_path / "data", ui=False)) as client:
         first = client.post("/api/jobs", json={"prompt": "x", "steps": 2, "seed": 1}).json()["id"]
         second = client.post("/api/jobs", json={"prompt": "y", "steps": 2, "seed": 1}).json()["id"]
         for job_id in (first, second):
@@ -341,16 +345,27 @@ def test_a_failing_job_records_its_error_and_the_worker_goes_on(tiny_dir, tmp_pa
         assert client.get("/api/info").json()["worker_alive"]
 
 
-def test_info_ui_and_openapi(client):
-    info = client.get("/api/info").json()
-    assert info["model"]["name"] == "tiny-random" and "dpmpp_2m" in info["samplers"] and info["worker_alive"]
-    assert info["limits"]["max_steps"] == 150
-    page = client.get("/")
-    assert page.status_code == 200 and 'id="generate"' in page.text and "ControlNet is not in the engine yet" in page.text
-    schema = client.get("/openapi.json").json()
-    assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events", "/api/jobs/{job_id}/cancel",
-            "/api/gallery", "/api/gallery/{image_id}", "/api/gallery/{image_id}/image"} <= set(schema["paths"])
-    assert "GenerationRequest" in schema["components"]["schemas"]
+def test_info_ui_and_openapi(tiny, tmp_path):
+    with TestClient(create_app(tiny, tmp_path / "data")) as client:  # with the Gradio UI at /
+        info = client.get("/api/info").json()
+        assert info["model"]["name"] == "tiny-random" and "dpmpp_2m" in info["samplers"] and info["worker_alive"]
+        assert info["limits"]["max_steps"] == 150
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        config = client.get("/config").json()  # the Gradio app's layout
+        ids = {c["props"].get("elem_id") for c in config["components"]}
+        assert {"prompt", "generate", "progress", "preview", "mask-editor", "gallery", "control-image"} <= ids
+        assert "ControlNet is not in the engine yet" in json.dumps(config)
+        schema = client.get("/openapi.json").json()
+        assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events", "/api/jobs/{job_id}/cancel",
+                "/api/gallery", "/api/gallery/{image_id}", "/api/gallery/{image_id}/image"} <= set(schema["paths"])
+        assert all(path.startswith("/api/") for path in schema["paths"])  # the UI's routes are not the API's
+        assert "GenerationRequest" in schema["components"]["schemas"]
+        for url in ("/api/nope", "/api/jobs/" + "0" * 32):  # unknown API paths stay JSON 404s under the mount
+            r = client.get(url)
+            assert r.status_code == 404 and isinstance(r.json()["detail"], str)
+    with TestClient(create_app(tiny, tmp_path / "api-only", ui=False)) as client:
+        assert client.get("/").status_code == 404 and client.get("/api/health").status_code == 200
 
 
 def test_png_from_the_server_carries_a_replayable_manifest(client, tmp_path):
@@ -367,7 +382,7 @@ def test_serve_command_errors_are_one_line(tiny, tiny_dir, tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path / "missing"), "--data", str(tmp_path / "d")]) == 2
     assert "no model at" in capsys.readouterr().err
-    with TestClient(create_app(tiny, tmp_path / "data", run_worker=False)):
+    with TestClient(create_app(tiny, tmp_path / "data", run_worker=False, ui=False)):
         assert main(["serve", "--model", str(tiny_dir), "--data", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: another dreamlab server is using") and "\n" not in err

@@ -1,8 +1,9 @@
-"""The web UI end to end in headless Chromium (Debian's /usr/bin/chromium driven by Playwright): generate
-through the form, watch progress and previews, see the images in the gallery, inpaint with the mask
-brush, delete from the gallery. Skipped only when Chromium is absent outside CI (CI fails instead)."""
+"""The Gradio web UI end to end in headless Chromium (Debian's /usr/bin/chromium driven by Playwright): type a
+prompt, generate, watch the progress bar and previews, see the images in the results and the gallery,
+search, show an image's parameters and delete it; inpaint by painting on the ImageEditor; image to image
+from an uploaded file. The page must ask nothing of any host but the server. Skipped only when Chromium
+is absent outside CI (CI fails instead)."""
 
-import base64
 import hashlib
 import io
 import os
@@ -45,7 +46,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture
 def live(tiny, tmp_path):
-    """The app under uvicorn on 127.0.0.1 in a thread; each step slowed a little so progress shows."""
+    """The app (API + Gradio UI) under uvicorn on 127.0.0.1 in a thread; each step slowed a little so
+    progress shows."""
     import uvicorn
 
     _need_browser()
@@ -74,124 +76,193 @@ def live(tiny, tmp_path):
 
 
 @pytest.fixture
-def page(tmp_path):
+def browser(tmp_path):
+    """A fresh Chromium profile; every request to a host other than the server is recorded (and refused)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
-            viewport={"width": 1200, "height": 900},
+            viewport={"width": 1300, "height": 1000},
         )
         context.set_default_timeout(30_000)
-        yield context.new_page()
+        elsewhere: list[str] = []
+
+        def route(r):
+            if r.request.url.startswith(("http://127.0.0.1:", "data:", "blob:")):
+                r.continue_()
+            else:
+                elsewhere.append(r.request.url)
+                r.abort()
+
+        context.route("**/*", route)
+        page = context.new_page()
+        yield page, elsewhere
         context.close()
 
 
-def watch(page, selector, attribute=None):
-    """Record every text (or attribute) value an element takes, from now on."""
+def open_ui(page, url):
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    page.wait_for_function("document.querySelector('#progress').textContent.includes('ready')")
+
+
+def set_number(page, elem_id, value):
+    """A Gradio slider or number: type into its number box and commit."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def watch_progress(page):
+    """Record every status text and preview image the page shows, from now on."""
     page.evaluate(
-        """([selector, attribute]) => {
-            const el = document.querySelector(selector);
-            window.__seen = window.__seen || {};
-            const seen = window.__seen[selector] = [];
-            const record = () => seen.push(attribute ? el.getAttribute(attribute) : el.textContent);
-            new MutationObserver(record).observe(el, {attributes: true, childList: true, characterData: true, subtree: true});
-        }""",
-        [selector, attribute],
+        """() => {
+            window.__status = []; window.__previews = [];
+            const progress = document.querySelector('#progress'), preview = document.querySelector('#preview');
+            new MutationObserver(() => window.__status.push(progress.textContent.trim()))
+                .observe(progress, {childList: true, subtree: true, characterData: true});
+            new MutationObserver(() => { const img = preview.querySelector('img'); if (img) window.__previews.push(img.src); })
+                .observe(preview, {childList: true, subtree: true, attributes: true});
+        }"""
     )
 
 
-def seen(page, selector):
-    return page.evaluate("(selector) => window.__seen[selector]", selector)
+def generate(page):
+    """Click Generate and wait for this generation's end; its last status line."""
+    watch_progress(page)
+    page.click("#generate")
+    page.wait_for_function("window.__status.some(s => /^(done|failed|cancelled)/.test(s))", timeout=60_000)
+    return page.text_content("#progress").strip()
 
 
-def test_generate_in_the_browser_and_find_it_in_the_gallery(live, page, tmp_path):
+def gallery_captions(page):
+    return page.locator("#gallery .grid-container .thumbnail-item img").evaluate_all("imgs => imgs.map(i => i.alt)")
+
+
+def test_generate_in_the_browser_and_find_it_in_the_gallery(live, browser, tmp_path):
     import httpx
 
     url, _ = live
-    page.goto(url)
-    page.wait_for_selector("#sampler option[value=euler]", state="attached")
+    page, elsewhere = browser
+    open_ui(page, url)
     assert "tiny-random" in page.text_content("#model-name")
-    assert page.is_disabled("#control-file") and "not in the engine yet" in page.text_content("#control-note")
+    assert page.locator("#control-image input[type=file]").count() == 0  # shown, not usable
+    assert "ControlNet is not in the engine yet" in page.text_content("#control-note")
 
-    page.fill("#prompt", "red apple from the browser")
-    page.fill("#negative", "blurry")
-    page.select_option("#sampler", "euler_ancestral")
-    page.fill("#steps", "8")
-    page.fill("#cfg", "4")
-    page.fill("#seed", "42")
-    page.fill("#batch", "2")
-    watch(page, "#status")
-    watch(page, "#preview", "src")
-    page.click("#generate")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')")
-    assert "seed 42, 43" in page.text_content("#status")
-    assert any(text.startswith("step ") for text in seen(page, "#status")), seen(page, "#status")
-    assert any((src or "").startswith("data:image/png;base64,") for src in seen(page, "#preview"))
-
-    page.wait_for_function("document.querySelectorAll('#gallery figure').length === 2")
-    captions = page.locator("#gallery figcaption").all_text_contents()
-    assert sorted(captions) == ["red apple from the browser · 42", "red apple from the browser · 43"]
+    page.locator("#prompt textarea").fill("red apple from the browser")
+    page.locator("#negative textarea").fill("blurry")
+    page.locator("#sampler input").click()
+    page.get_by_role("option", name="euler_ancestral", exact=True).click()
+    set_number(page, "steps", 8)
+    set_number(page, "cfg", 4)
+    page.locator("#seed input").fill("42")
+    set_number(page, "batch", 2)
+    status = generate(page)
+    assert status == "done: 2 images, seed 42, 43", status
+    seen = page.evaluate("window.__status")
+    assert any(s.startswith("step ") and s.endswith(" / 8") for s in seen), seen
+    assert page.evaluate("window.__previews"), "no preview was shown"
+    page.wait_for_function("document.querySelectorAll('#results .grid-container .thumbnail-item img').length === 2")
+    page.wait_for_function("document.querySelectorAll('#gallery .grid-container .thumbnail-item img').length === 2")
+    assert sorted(gallery_captions(page)) == ["red apple from the browser · 42", "red apple from the browser · 43"]
     page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth === 16)")
-    assert page.locator("#results figure").count() == 2
     page.screenshot(path=str(tmp_path / "ui.png"))
 
+    # the UI queued a job like POST /api/jobs does: it is in the API's job list, with the form's values
     items = httpx.get(f"{url}/api/gallery", params={"q": "from the browser"}).json()["items"]
-    meta = httpx.get(f"{url}{items[0]['metadata_url']}").json()["manifest"]
-    assert meta["request"]["sampler"] == "euler_ancestral" and meta["request"]["steps"] == 8
-    assert meta["request"]["cfg_scale"] == 4 and meta["request"]["negative_prompt"] == "blurry"
+    assert sorted(im["seed"] for im in items) == [42, 43]
+    req = httpx.get(f"{url}{items[0]['metadata_url']}").json()["manifest"]["request"]
+    assert (req["sampler"], req["steps"], req["cfg_scale"], req["negative_prompt"]) == ("euler_ancestral", 8, 4, "blurry")
+    assert httpx.get(f"{url}/api/jobs").json()["items"][0]["state"] == "done"
 
-    page.fill("#search", "nothing like this")
-    page.wait_for_function("document.querySelectorAll('#gallery figure').length === 0")
-    page.fill("#search", "")
-    page.wait_for_function("document.querySelectorAll('#gallery figure').length === 2")
-    page.locator("#gallery figure .delete").first.click()
-    page.wait_for_function("document.querySelectorAll('#gallery figure').length === 1")
+    page.locator("#search input, #search textarea").first.fill("nothing like this")
+    page.locator("#search input, #search textarea").first.press("Enter")
+    page.wait_for_function("document.querySelectorAll('#gallery .grid-container .thumbnail-item').length === 0")
+    page.locator("#search input, #search textarea").first.fill("")
+    page.click("#refresh")
+    page.wait_for_function("document.querySelectorAll('#gallery .grid-container .thumbnail-item').length === 2")
+
+    page.locator("#gallery .grid-container .thumbnail-item").first.click()
+    page.wait_for_function("document.querySelector('#params textarea').value.includes('Seed: ')")
+    params = page.input_value("#params textarea")
+    assert params.startswith("red apple from the browser\nNegative prompt: blurry\nSteps: 8, Sampler: euler_ancestral")
+    page.click("#delete")
+    page.wait_for_function("document.querySelectorAll('#gallery .grid-container .thumbnail-item').length === 1")
     assert httpx.get(f"{url}/api/gallery").json()["total"] == 1
 
+    set_number(page, "steps", 100)  # cancel a running job
+    watch_progress(page)
+    page.click("#generate")
+    page.wait_for_function("window.__status.some(s => /^step \\d+ \\/ 100$/.test(s))")
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#progress').textContent.trim() === 'cancelled'")
+    assert httpx.get(f"{url}/api/jobs").json()["items"][0]["state"] == "cancelled"
+    assert elsewhere == []
 
-def test_inpaint_with_the_mask_brush(live, page, tmp_path):
+
+def test_img2img_from_a_file_and_inpaint_with_the_mask_brush(live, browser, tmp_path):
     import httpx
 
     url, _ = live
+    page, elsewhere = browser
     arr = np.random.default_rng(3).integers(0, 256, (16, 16, 4), dtype=np.uint8)
     arr[..., 3] = 255
     src = tmp_path / "source.png"
     Image.fromarray(arr, "RGBA").save(src)
 
-    page.goto(url)
-    page.wait_for_selector("#sampler option[value=euler]", state="attached")
-    page.fill("#prompt", "inpainted")
-    page.fill("#steps", "4")
-    page.fill("#seed", "7")
-    page.check("input[name=mode][value=inpaint]")
-    page.click("#generate")  # no source yet: a clear message, no request
-    assert "choose a source image" in page.text_content("#error")
-    page.set_input_files("#init-file", str(src))
-    page.wait_for_selector("#editor:not(.hidden)")
-    page.fill("#strength", "1")
-    page.click("#generate")  # nothing painted yet
-    assert "paint the region" in page.text_content("#error")
+    open_ui(page, url)
+    page.locator("#prompt textarea").fill("inpainted")
+    set_number(page, "steps", 4)
+    page.locator("#seed input").fill("7")
+    # image to image first (the editor's canvas costs CPU once shown): the uploaded file's bytes are sent as
+    # they are, so the job records sha256sum of the file
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(src))
+    page.wait_for_selector("#init-image img")
+    set_number(page, "img2img-strength", 0.5)
+    assert generate(page) == "done: 1 image, seed 7"
+    (job,) = httpx.get(f"{url}/api/jobs").json()["items"]
+    assert job["state"] == "done" and job["request"]["mask_image"] is None
+    assert job["request"]["init_image"] == "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest()
+    assert job["request"]["strength"] == 0.5
 
-    box = page.locator("#mask-canvas").bounding_box()  # 256 px showing 16: one source pixel is 16 px
-    page.locator("#brush").fill("24")
-    page.mouse.move(box["x"] + 100, box["y"] + 128)
+    page.get_by_role("tab", name="Inpainting").click()
+    page.click("#generate")  # no source yet: a message, no job
+    page.wait_for_selector(".toast-body:has-text('upload a source image first')")
+    page.locator("#mask-editor input[type=file]").set_input_files(str(src))
+    # the editor enlarges the 16x16 source to fit, centred on its canvas: wait for that, read the scale
+    page.wait_for_function("parseInt(document.querySelector('#mask-editor .zoom-number')?.textContent || '0') >= 400")
+    scale = int(page.text_content("#mask-editor .zoom-number").strip().rstrip("%")) / 100  # css px per source pixel
+    page.click("#generate")  # nothing painted yet
+    page.wait_for_selector(".toast-body:has-text('paint the region to repaint')")
+    assert len(httpx.get(f"{url}/api/jobs").json()["items"]) == 1
+
+    # one stroke along source row 8, from x = 7.5 to 11.5 (the brush's radius is one source pixel)
+    page.locator("#mask-editor button[aria-label=Brush]").click()
+    box = page.locator("#mask-editor canvas").first.bounding_box()
+    x0, y0 = box["x"] + box["width"] / 2 - 8 * scale, box["y"] + box["height"] / 2 - 8 * scale  # source (0, 0)
+    page.mouse.move(x0 + 7.5 * scale, y0 + 8.5 * scale)
     page.mouse.down()
-    page.mouse.move(box["x"] + 160, box["y"] + 128, steps=8)
+    page.mouse.move(x0 + 11.5 * scale, y0 + 8.5 * scale, steps=4)
     page.mouse.up()
     page.screenshot(path=str(tmp_path / "inpaint.png"))
-    page.click("#generate")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')")
+    assert generate(page) == "done: 1 image, seed 7"
 
-    job_id = httpx.get(f"{url}/api/jobs").json()["items"][0]["id"]
-    job = httpx.get(f"{url}/api/jobs/{job_id}").json()
-    b64 = base64.b64encode(src.read_bytes()).decode()
-    assert job["request"]["init_image"] == "sha256:" + hashlib.sha256(b64.encode()).hexdigest()
-    mask_sha = job["request"]["mask_image"].removeprefix("sha256:")
-    mask = np.asarray(Image.open(io.BytesIO(httpx.get(f"{url}/api/inputs/{mask_sha}").content)).convert("L"))
-    assert mask.shape == (16, 16) and set(np.unique(mask)) == {0, 255}
-    assert mask[8, 8] == 255 and mask[0, 0] == 0 and mask[8, 0] == 0
+    job = httpx.get(f"{url}/api/jobs").json()["items"][0]
+    assert job["request"]["strength"] == 1.0
+    inputs = {key: httpx.get(f"{url}/api/inputs/{job['request'][key].removeprefix('sha256:')}").content
+              for key in ("init_image", "mask_image")}
+    for key, data in inputs.items():  # stored under the sha256 of their bytes
+        assert job["request"][key] == "sha256:" + hashlib.sha256(data).hexdigest()
+    source = np.asarray(Image.open(io.BytesIO(inputs["init_image"])).convert("RGBA"))
+    assert np.array_equal(source, arr)  # the editor's background is the uploaded image
+    mask = np.asarray(Image.open(io.BytesIO(inputs["mask_image"])))
+    assert mask.shape == (16, 16) and set(np.unique(mask)) == {0, 255}  # hard-edged
+    assert mask[8, 8] == mask[8, 11] == 255 and mask[0, 0] == mask[15, 15] == mask[8, 2] == mask[2, 8] == 0
     out = np.asarray(Image.open(io.BytesIO(httpx.get(url + job["images"][0]["url"]).content)))
     keep = mask == 0
     assert np.array_equal(out[keep], arr[keep])  # unpainted pixels are the source's, exactly
     assert not np.array_equal(out[~keep], arr[~keep])
+
+    assert elsewhere == []

@@ -70,16 +70,18 @@ class GenerationRequest(BaseModel):
 
 
 def encode_image(image: Image.Image | str | Path) -> str:
-    """A PIL image or an image file -> the base64 PNG string requests carry."""
-    if not isinstance(image, Image.Image):
-        try:
-            data = Path(image).read_bytes()
-        except OSError as e:
-            raise InvalidRequestError(f"cannot read {image}: {e.strerror or e}") from None
-        image = open_image(data, str(image))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    """A PIL image (as PNG) or an image file (its bytes unchanged, once checked to be a readable image)
+    -> the base64 string requests carry. Keeping a file's bytes makes the manifest's hash its sha256sum."""
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+    try:
+        data = Path(image).read_bytes()
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read {image}: {e.strerror or e}") from None
+    open_image(data, str(image))
+    return base64.b64encode(data).decode("ascii")
 
 
 def open_image(data: bytes, what: str) -> Image.Image:

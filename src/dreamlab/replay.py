@@ -2,8 +2,8 @@
 
 The manifest records the request (seed fixed, batch of one), the model folder and the sha256 of every
 model file. Replay loads the model (``--model`` or the recorded folder), names every model file that was
-changed, removed or added since, checks the img2img / inpainting inputs against the sha256 the manifest
-records for them, generates, writes the PNG and says whether it is identical to the original.
+changed, removed or added since, checks the img2img / inpainting input files against the sha256 of their
+bytes the manifest records, generates, writes the PNG and says whether it is identical to the original.
 """
 
 from __future__ import annotations
@@ -44,42 +44,20 @@ def diff_model_files(recorded: dict[str, str], current: dict[str, str]) -> Model
     )
 
 
-def input_candidates(path: str | Path) -> list[str]:
-    """The base64 strings a client could have sent for this file: its bytes as they are (what the HTTP
-    API and web UI record), the PNG re-encoding ``encode_image`` makes (what ``dreamlab generate`` sends),
-    and data URLs of the bytes."""
-    from PIL import Image
-
-    from .generate import encode_image
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DreamlabError(f"cannot read {path}: {e.strerror or e}") from None
-    raw = base64.b64encode(data).decode("ascii")
-    out = [raw, encode_image(path)]
-    try:
-        with Image.open(path) as im:
-            mime = Image.MIME.get(im.format or "")
-    except OSError:
-        mime = None
-    for m in dict.fromkeys([mime, "image/png", "image/jpeg"]):
-        if m:
-            out.append(f"data:{m};base64,{raw}")
-    return out
-
-
 def resolve_input(recorded: str, path: str | None, what: str, flag: str) -> str:
-    """The request value for an input recorded as ``sha256:<hex>``, from the file the user passes."""
+    """The request value for an input recorded as ``sha256:<hex>`` (the hash of the image file's bytes,
+    as ``sha256sum`` prints it), from the file the user passes: base64 of its bytes, once they match."""
     if not recorded.startswith("sha256:"):
         return recorded  # recorded inline (not by hash): use it as it is
     if path is None:
         raise DreamlabError(f"this image was made from an {what} ({recorded}); pass it with {flag} FILE")
-    expected = recorded.removeprefix("sha256:")
-    for candidate in input_candidates(path):
-        if hashlib.sha256(candidate.encode("ascii")).hexdigest() == expected:
-            return candidate
-    raise IntegrityError(f"{path} is not the {what} this image was made from (its hash does not match {recorded})")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DreamlabError(f"cannot read {path}: {e.strerror or e}") from None
+    if "sha256:" + hashlib.sha256(data).hexdigest() != recorded:
+        raise IntegrityError(f"{path} is not the {what} this image was made from (its sha256 does not match {recorded})")
+    return base64.b64encode(data).decode("ascii")
 
 
 def compare_pixels(a, b) -> tuple[int, int, int]:

@@ -1,14 +1,11 @@
 """The HTTP API: FastAPI app factory. Thin: it validates, queues and reports; the worker runs
-``generate``. Every route is under ``/api``; the web UI is served at ``/``."""
+``generate``. Every route is under ``/api``; the Gradio web UI (``ui.py``) is mounted at ``/``."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import fcntl
-import hashlib
-import inspect
 import io
 import json
 import logging
@@ -22,16 +19,16 @@ from typing import Annotated, Any, AsyncIterator
 from fastapi import Body, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 
 from .. import __version__
-from ..core.noise import MAX_SEED
 from ..core.samplers import SAMPLERS, STOCHASTIC
 from ..core.schedules import SPACINGS
 from ..errors import DreamlabError, InvalidRequestError, UnknownNameError
-from ..generate import GenerationRequest, open_image
+from ..generate import GenerationRequest, image_bytes, image_sha256, open_image
+from ..generate import check_request as check_for_model
 from ..models.bundle import ModelBundle
 from .gallery import Gallery
 from .queue import TERMINAL, ImageRecord, Job, JobState, JobStore, QueueFullError
@@ -151,21 +148,20 @@ def _one_line(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def _recorded(value: str | None) -> str | None:
-    return None if value is None else "sha256:" + hashlib.sha256(value.encode("ascii")).hexdigest()
+def _recorded(value: str | None, what: str) -> str | None:
+    """How jobs and manifests show an input image: "sha256:" + the hash of its file bytes."""
+    return None if value is None else image_sha256(value, what)
 
 
 # --- request checks beyond the schema --------------------------------------------------------------
 
 
-def _normalize_image(b64: str, what: str, max_side: int) -> tuple[str, str | None]:
-    """Canonical base64 of the uploaded bytes (so the manifest's sha256 is that of a file one can keep) and
-    the image format; rejects what is not a readable image of a sane size."""
-    if b64.startswith("data:"):
-        b64 = b64.partition(",")[2]
+def _normalize_image(b64: str, what: str, max_side: int) -> tuple[bytes, str | None]:
+    """The uploaded file's bytes (kept as they are, so the manifest's sha256 is ``sha256sum`` of the file)
+    and the image format; rejects what is not a readable image of a sane size."""
     try:
-        data = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
+        data = image_bytes(b64, what)
+    except InvalidRequestError:
         raise InvalidRequestError(f"{what}: not valid base64") from None
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
@@ -175,11 +171,12 @@ def _normalize_image(b64: str, what: str, max_side: int) -> tuple[str, str | Non
     if max(size) > 4 * max_side:
         raise InvalidRequestError(f"{what}: {size[0]}x{size[1]} is too large (at most {4 * max_side} pixels a side)")
     open_image(data, what)  # decodes it fully: a truncated file is refused now, not when the job runs
-    return base64.b64encode(data).decode("ascii"), fmt
+    return data, fmt
 
 
 def check_request(req: GenerationRequest, model: ModelBundle, limits: Limits) -> None:
-    """What the schema cannot know: this server's limits and the model's constraints."""
+    """This server's limits, then the model's constraints (``generate.check_request``: size divisibility,
+    eta support, a mask without an init image, seed overflow); every problem in one line."""
     problems = []
     if req.steps > limits.max_steps:
         problems.append(f"steps: at most {limits.max_steps} on this server")
@@ -188,19 +185,14 @@ def check_request(req: GenerationRequest, model: ModelBundle, limits: Limits) ->
     for name in ("prompt", "negative_prompt"):
         if len(getattr(req, name)) > limits.max_prompt_chars:
             problems.append(f"{name}: at most {limits.max_prompt_chars} characters on this server")
-    width, height = req.width or model.sample_size, req.height or model.sample_size
-    f = model.space.factor
-    for name, side in (("width", width), ("height", height)):
+    for name, side in (("width", req.width or model.sample_size), ("height", req.height or model.sample_size)):
         if side > limits.max_side:
             problems.append(f"{name}: at most {limits.max_side} on this server")
-        elif side % f:
-            problems.append(f"{name}: {side} is not divisible by the model's factor {f}")
-    if req.mask_image is not None and req.init_image is None:
-        problems.append("mask_image: needs an init_image to inpaint")
-    if req.eta is not None and "eta" not in inspect.signature(SAMPLERS[req.sampler]).parameters:
-        problems.append(f"eta: sampler '{req.sampler}' takes no eta")
-    if req.seed is not None and req.seed + req.batch - 1 > MAX_SEED:
-        problems.append("seed: seed + batch - 1 exceeds 2**63 - 1")
+    if not problems:
+        try:
+            check_for_model(model, req)
+        except InvalidRequestError as e:
+            problems.append(str(e))
     if problems:
         raise InvalidRequestError("; ".join(problems))
 
@@ -246,8 +238,9 @@ class Server:
             data["seed"] = secrets.randbelow(2**31)
         for key in ("init_image", "mask_image"):
             if data[key] is not None:
-                data[key], fmt = _normalize_image(data[key], key, self.limits.max_side)
-                self.gallery.record_input(data[key], fmt)
+                raw, fmt = _normalize_image(data[key], key, self.limits.max_side)
+                data[key] = base64.b64encode(raw).decode("ascii")  # canonical: no data: prefix, no line breaks
+                self.gallery.record_input(raw, fmt)
         return self.store.submit(data)
 
     def image_out(self, im: ImageRecord) -> ImageOut:
@@ -262,7 +255,7 @@ class Server:
         request = dict(job.request)
         for key in ("init_image", "mask_image"):
             if key in request:
-                request[key] = _recorded(request[key])
+                request[key] = _recorded(request[key], key)
         images = self.store.images_of(job.id) if job.state == "done" else []
         step = total = 0
         if progress is not None:
@@ -473,12 +466,10 @@ def create_app(
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    if ui:
-        from .ui import page
+    if ui:  # last: the UI is mounted at "/", so it gets only what no route above matched
+        from .ui import mount_ui
 
-        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-        def index() -> HTMLResponse:
-            return HTMLResponse(page())
+        mount_ui(app, srv)
 
     return app
 

@@ -4,7 +4,6 @@ files are found by looking an id up in the database, never by joining a request 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import tempfile
@@ -65,17 +64,17 @@ class Gallery:
             path.unlink(missing_ok=True)
         return True
 
-    def record_input(self, b64: str, image_format: str | None) -> str:
-        """Keep an uploaded input image (bytes as sent) under the sha256 its manifests will record, so a
-        user can fetch it later to replay. ``b64`` must be canonical base64 (the server re-encodes)."""
-        digest = hashlib.sha256(b64.encode("ascii")).hexdigest()
+    def record_input(self, data: bytes, image_format: str | None) -> str:
+        """Keep an uploaded input image (its bytes as sent) under the sha256 of those bytes, which its
+        manifests record (``"sha256:<hex>"``, = ``sha256sum`` of the file), so a user can fetch it to replay."""
+        digest = hashlib.sha256(data).hexdigest()
         if self.store.input_filename(digest) is None:
             filename = digest + INPUT_EXTENSIONS.get(image_format or "", ".bin")
             path = self.inputs_dir / filename
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.inputs_dir)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    f.write(base64.b64decode(b64))
+                    f.write(data)
                 os.replace(tmp, path)
             except OSError:
                 Path(tmp).unlink(missing_ok=True)

@@ -1,326 +1,330 @@
-"""The web UI: one self-contained page (HTML, CSS and JavaScript, nothing fetched from elsewhere) that
-talks to the same ``/api`` routes as any script. It builds the same GenerationRequest JSON.
+"""The web UI: a Gradio Blocks app mounted at ``/`` of the server's FastAPI app (``gr.mount_gradio_app``).
 
-It is not Gradio: no Gradio release accepts the pinned Pillow 13 (all require ``pillow<13``), so the UI
-is plain browser code instead (see docs/serving.md)."""
+Thin, like the API: it builds a ``GenerationRequest``, submits it through ``Server.submit`` (the same
+validation, limits and persistent job queue as ``POST /api/jobs``) and then follows the job in the job store,
+yielding its progress, previews and images. No sampling logic lives here.
+
+Offline by construction: analytics and Gradio's version check are off (``GRADIO_ANALYTICS_ENABLED=False``,
+set before Gradio is imported), there is no share link, server-side rendering is off, and the theme uses
+the system's fonts, so the page asks nothing of any host but this server.
+"""
 
 from __future__ import annotations
 
-PAGE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>dreamlab</title>
-<style>
-:root { --bg: #f6f6f4; --panel: #fff; --line: #d9d9d4; --text: #1e1e1c; --muted: #6b6b66; --accent: #3b5bdb; --bad: #c92a2a; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.4 system-ui, sans-serif; background: var(--bg); color: var(--text); }
-header { padding: 10px 18px; border-bottom: 1px solid var(--line); background: var(--panel); display: flex; gap: 12px; align-items: baseline; }
-header h1 { font-size: 18px; margin: 0; }
-header span { color: var(--muted); }
-main { display: grid; grid-template-columns: minmax(320px, 420px) 1fr; gap: 16px; padding: 16px; }
-section { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px; }
-h2 { font-size: 15px; margin: 0 0 8px; }
-label { display: block; margin: 6px 0 2px; color: var(--muted); font-size: 12px; }
-textarea, input[type=text], input[type=number], select { width: 100%; padding: 5px 7px; border: 1px solid var(--line); border-radius: 5px; font: inherit; background: #fff; }
-textarea { resize: vertical; min-height: 54px; }
-.row { display: grid; grid-template-columns: 1fr 1fr 1fr; gap: 8px; }
-.row2 { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; }
-.modes { display: flex; gap: 12px; margin: 8px 0; }
-.modes label { display: inline; color: var(--text); font-size: 14px; }
-button { font: inherit; padding: 6px 14px; border-radius: 5px; border: 1px solid var(--line); background: #fff; cursor: pointer; }
-button.primary { background: var(--accent); border-color: var(--accent); color: #fff; }
-button:disabled { opacity: .5; cursor: default; }
-.actions { display: flex; gap: 8px; margin-top: 12px; }
-.note { color: var(--muted); font-size: 12px; }
-#error { color: var(--bad); min-height: 1.4em; margin-top: 6px; white-space: pre-wrap; }
-#editor { position: relative; display: inline-block; margin-top: 6px; border: 1px solid var(--line); }
-#editor img, #editor canvas { display: block; width: 256px; image-rendering: pixelated; }
-#mask-canvas { position: absolute; left: 0; top: 0; opacity: .55; cursor: crosshair; touch-action: none; }
-progress { width: 100%; height: 14px; }
-.pix { image-rendering: pixelated; width: 128px; height: 128px; object-fit: contain; background: repeating-conic-gradient(#eee 0 25%, #fff 0 50%) 0 0 / 16px 16px; border: 1px solid var(--line); }
-#results, #gallery { display: flex; flex-wrap: wrap; gap: 10px; }
-figure { margin: 0; width: 130px; }
-figcaption { font-size: 12px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-figure .tools { display: flex; gap: 6px; font-size: 12px; }
-figure .tools button { padding: 1px 6px; font-size: 12px; }
-#meta { white-space: pre-wrap; font: 12px ui-monospace, monospace; background: #fafaf8; border: 1px solid var(--line); padding: 6px; max-height: 160px; overflow: auto; }
-.hidden { display: none !important; }
-</style>
-</head>
-<body>
-<header><h1>dreamlab</h1><span id="model-name"></span></header>
-<main>
-<section id="form-panel">
-  <h2>Generate</h2>
-  <label for="prompt">Prompt</label>
-  <textarea id="prompt" placeholder="red apple"></textarea>
-  <label for="negative">Negative prompt</label>
-  <textarea id="negative" placeholder="blurry"></textarea>
-  <div class="row2">
-    <div><label for="sampler">Sampler</label><select id="sampler"></select></div>
-    <div><label for="schedule">Schedule</label><select id="schedule"></select></div>
-  </div>
-  <div class="row">
-    <div><label for="steps">Steps</label><input id="steps" type="number" min="1" value="20"></div>
-    <div><label for="cfg">Guidance scale</label><input id="cfg" type="number" min="0" max="50" step="0.5" value="5"></div>
-    <div><label for="batch">Batch</label><input id="batch" type="number" min="1" value="1"></div>
-  </div>
-  <div class="row">
-    <div><label for="seed">Seed (blank: random)</label><input id="seed" type="number" min="0" placeholder="random"></div>
-    <div><label for="width">Width</label><input id="width" type="number" min="8" step="8" placeholder="model"></div>
-    <div><label for="height">Height</label><input id="height" type="number" min="8" step="8" placeholder="model"></div>
-  </div>
-  <div class="modes" role="radiogroup" aria-label="task">
-    <label><input type="radio" name="mode" value="txt2img" checked> Text to image</label>
-    <label><input type="radio" name="mode" value="img2img"> Image to image</label>
-    <label><input type="radio" name="mode" value="inpaint"> Inpaint</label>
-  </div>
-  <div id="image-inputs" class="hidden">
-    <label for="init-file">Source image</label>
-    <input id="init-file" type="file" accept="image/png,image/jpeg,image/webp">
-    <label for="strength">Strength <span id="strength-value">0.75</span></label>
-    <input id="strength" type="range" min="0" max="1" step="0.05" value="0.75">
-    <div id="mask-tools" class="hidden">
-      <label for="brush">Mask brush (paint what to repaint) <span id="brush-value">24</span> px</label>
-      <input id="brush" type="range" min="4" max="96" value="24">
-      <button id="clear-mask" type="button">Clear mask</button>
-    </div>
-    <div id="editor" class="hidden"><img id="init-preview" alt="source image"><canvas id="mask-canvas"></canvas></div>
-  </div>
-  <label for="control-file">Control image</label>
-  <input id="control-file" type="file" disabled aria-describedby="control-note">
-  <div id="control-note" class="note">ControlNet is not in the engine yet: this input is disabled.</div>
-  <div class="actions">
-    <button id="generate" class="primary" type="button">Generate</button>
-    <button id="cancel" type="button" disabled>Cancel</button>
-  </div>
-  <div id="error" role="alert"></div>
-</section>
-<section>
-  <h2>Progress</h2>
-  <progress id="progress" max="1" value="0"></progress>
-  <div id="status" class="note">idle</div>
-  <div style="display:flex; gap:10px; margin-top:8px">
-    <img id="preview" class="pix hidden" alt="preview of the current estimate">
-    <div id="results"></div>
-  </div>
-  <h2 style="margin-top:16px">Gallery</h2>
-  <div class="row2" style="margin-bottom:8px">
-    <input id="search" type="text" placeholder="search prompts" aria-label="search prompts">
-    <div class="note" id="gallery-count"></div>
-  </div>
-  <div id="gallery"></div>
-  <div id="meta" class="hidden"></div>
-</section>
-</main>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-let job = null, source = null, events = null;
-let maskCanvas = null;   // white = repaint, on black, at the source image's size
+import asyncio
+import base64
+import html
+import io
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
-async function api(path, options) {
-  const r = await fetch(path, options);
-  if (!r.ok) {
-    let detail = r.status + " " + r.statusText;
-    try { detail = (await r.json()).detail || detail; } catch (e) {}
-    throw new Error(detail);
-  }
-  return r.status === 204 ? null : r.json();
-}
+import numpy as np
+from PIL import Image
+from pydantic import ValidationError
 
-function option(select, value, text) {
-  const o = document.createElement("option"); o.value = value; o.textContent = text; select.appendChild(o);
-}
+from ..core.samplers import SAMPLERS
+from ..core.schedules import SPACINGS
+from ..errors import DreamlabError, InvalidRequestError
+from ..generate import GenerationRequest, format_validation_error
+from .queue import TERMINAL, ImageRecord, QueueFullError
 
-async function init() {
-  const info = await api("/api/info");
-  $("model-name").textContent = "model: " + info.model.name + " (" + info.model.sample_size + " px)";
-  for (const [name, kind] of Object.entries(info.samplers)) { option($("sampler"), name, name); $("sampler").lastChild.title = kind; }
-  $("sampler").value = "dpmpp_2m";
-  for (const name of info.schedules) option($("schedule"), name, name);
-  $("schedule").value = "karras";
-  $("steps").max = info.limits.max_steps; $("batch").max = info.limits.max_batch;
-  $("width").max = $("height").max = info.limits.max_side;
-  refreshGallery();
-}
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio: no telemetry, no version check
+os.environ.setdefault("GRADIO_SSR_MODE", "False")  # no Node.js server
 
-function mode() { return document.querySelector("input[name=mode]:checked").value; }
+import gradio as gr  # noqa: E402  (after the environment above)
 
-function showMode() {
-  $("image-inputs").classList.toggle("hidden", mode() === "txt2img");
-  $("mask-tools").classList.toggle("hidden", mode() !== "inpaint");
-  $("mask-canvas").classList.toggle("hidden", mode() !== "inpaint");
-}
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
-function loadSource(file) {
-  const reader = new FileReader();
-  reader.onload = () => {
-    source = reader.result;  // data URL of the file's own bytes
-    const img = $("init-preview");
-    img.onload = () => {
-      const c = $("mask-canvas");
-      c.width = img.naturalWidth; c.height = img.naturalHeight;
-      c.style.height = (256 * img.naturalHeight / img.naturalWidth) + "px";
-      maskCanvas = document.createElement("canvas");
-      maskCanvas.width = c.width; maskCanvas.height = c.height;
-      clearMask();
-      $("editor").classList.remove("hidden");
-    };
-    img.src = source;
-  };
-  reader.readAsDataURL(file);
-}
+    from .app import Server
 
-function clearMask() {
-  if (!maskCanvas) return;
-  const m = maskCanvas.getContext("2d");
-  m.fillStyle = "#000"; m.fillRect(0, 0, maskCanvas.width, maskCanvas.height);
-  const c = $("mask-canvas"); c.getContext("2d").clearRect(0, 0, c.width, c.height);
-  maskCanvas.dirty = false;
-}
+CONTROL_NOTE = "ControlNet is not in the engine yet"
+GALLERY_PAGE = 48  # images the gallery shows (newest first)
+POLL_SECONDS = 0.1  # how often a running generation looks at its job
+MAX_FOLLOW_SECONDS = 6 * 3600
 
-function paint(e) {
-  const c = $("mask-canvas");
-  const rect = c.getBoundingClientRect();
-  const sx = c.width / rect.width;
-  const x = (e.clientX - rect.left) * sx, y = (e.clientY - rect.top) * sx;
-  const r = Math.max(0.5, $("brush").value / 2 * sx);
-  for (const [ctx, color] of [[c.getContext("2d"), "#e03131"], [maskCanvas.getContext("2d"), "#fff"]]) {
-    ctx.fillStyle = color; ctx.beginPath(); ctx.arc(x, y, r, 0, 2 * Math.PI); ctx.fill();
-  }
-  maskCanvas.dirty = true;
-}
-
-function binaryMask() {
-  // the brush is anti-aliased; the mask is sent hard-edged: a pixel is repainted or kept, not blended
-  const out = document.createElement("canvas");
-  out.width = maskCanvas.width; out.height = maskCanvas.height;
-  const ctx = out.getContext("2d");
-  const data = maskCanvas.getContext("2d").getImageData(0, 0, out.width, out.height);
-  for (let i = 0; i < data.data.length; i += 4) {
-    const v = data.data[i] >= 128 ? 255 : 0;
-    data.data[i] = data.data[i + 1] = data.data[i + 2] = v; data.data[i + 3] = 255;
-  }
-  ctx.putImageData(data, 0, 0);
-  return out;
-}
-
-function stripDataUrl(url) { return url.slice(url.indexOf(",") + 1); }
-
-function buildRequest() {
-  const req = {
-    prompt: $("prompt").value, negative_prompt: $("negative").value,
-    sampler: $("sampler").value, schedule: $("schedule").value,
-    steps: Number($("steps").value), cfg_scale: Number($("cfg").value), batch: Number($("batch").value),
-  };
-  if ($("seed").value !== "") req.seed = Number($("seed").value);
-  if ($("width").value !== "") req.width = Number($("width").value);
-  if ($("height").value !== "") req.height = Number($("height").value);
-  if (mode() !== "txt2img") {
-    if (!source) throw new Error("choose a source image for " + (mode() === "inpaint" ? "inpainting" : "image to image"));
-    req.init_image = stripDataUrl(source);
-    req.strength = Number($("strength").value);
-    if (mode() === "inpaint") {
-      if (!maskCanvas || !maskCanvas.dirty) throw new Error("paint the region to repaint on the image first");
-      req.mask_image = stripDataUrl(binaryMask().toDataURL("image/png"));
-    }
-  }
-  return req;
-}
-
-function setBusy(busy) { $("generate").disabled = busy; $("cancel").disabled = !busy; }
-
-function showJob(j) {
-  const p = $("progress");
-  if (j.state === "queued") { $("status").textContent = "queued" + (j.position ? ", " + j.position + " ahead" : ""); p.removeAttribute("value"); }
-  else if (j.state === "running") { p.max = j.total || 1; p.value = j.step; $("status").textContent = "step " + j.step + " / " + j.total; }
-  else if (j.state === "done") { p.max = 1; p.value = 1; $("status").textContent = "done: " + j.images.length + " image(s), seed " + j.images.map(i => i.seed).join(", "); }
-  else { p.max = 1; p.value = 0; $("status").textContent = j.state + (j.error ? ": " + j.error : ""); }
-  if (j.preview) { $("preview").src = j.preview; $("preview").classList.remove("hidden"); }
-}
-
-function figure(im, withTools) {
-  const f = document.createElement("figure");
-  f.dataset.imageId = im.id;
-  const img = document.createElement("img");
-  img.className = "pix"; img.src = im.url; img.alt = im.prompt; img.title = im.prompt;
-  const cap = document.createElement("figcaption");
-  cap.textContent = (im.prompt || "(no prompt)") + " · " + im.seed;
-  f.append(img, cap);
-  if (withTools) {
-    const tools = document.createElement("div"); tools.className = "tools";
-    const info = document.createElement("button"); info.textContent = "info"; info.type = "button";
-    info.onclick = async () => {
-      const meta = await api("/api/gallery/" + im.id);
-      $("meta").textContent = meta.parameters + "\n\n" + JSON.stringify(meta.manifest, null, 1);
-      $("meta").classList.remove("hidden");
-    };
-    const del = document.createElement("button"); del.textContent = "delete"; del.type = "button"; del.className = "delete";
-    del.onclick = async () => { await api("/api/gallery/" + im.id, { method: "DELETE" }); refreshGallery(); };
-    const dl = document.createElement("a"); dl.href = im.url; dl.download = "dreamlab-" + im.id + ".png"; dl.textContent = "png";
-    tools.append(info, del, dl); f.append(tools);
-  }
-  return f;
-}
-
-async function refreshGallery() {
-  const q = encodeURIComponent($("search").value);
-  const page = await api("/api/gallery?limit=60&q=" + q);
-  $("gallery").replaceChildren(...page.items.map(im => figure(im, true)));
-  $("gallery-count").textContent = page.total + " image(s)";
-}
-
-async function generate() {
-  $("error").textContent = "";
-  let req;
-  try { req = buildRequest(); } catch (e) { $("error").textContent = e.message; return; }
-  setBusy(true);
-  $("results").replaceChildren(); $("preview").classList.add("hidden");
-  try {
-    job = await api("/api/jobs", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(req) });
-  } catch (e) { $("error").textContent = e.message; setBusy(false); return; }
-  showJob(job);
-  events = new EventSource("/api/jobs/" + job.id + "/events");
-  const onEvent = (ev) => { const j = JSON.parse(ev.data); showJob(j); return j; };
-  events.addEventListener("progress", onEvent);
-  events.addEventListener("end", (ev) => {
-    const j = onEvent(ev); events.close(); events = null; setBusy(false);
-    $("preview").classList.add("hidden");
-    if (j.state === "done") { $("results").replaceChildren(...j.images.map(im => figure(im, false))); }
-    else if (j.state === "failed") { $("error").textContent = j.error; }
-    refreshGallery();
-  });
-  events.onerror = () => { if (events && events.readyState === EventSource.CLOSED) { setBusy(false); $("error").textContent = "lost the connection to the server"; } };
-}
-
-async function cancel() {
-  if (!job) return;
-  try { await api("/api/jobs/" + job.id + "/cancel", { method: "POST" }); } catch (e) { $("error").textContent = e.message; }
-}
-
-document.querySelectorAll("input[name=mode]").forEach(r => r.addEventListener("change", showMode));
-$("init-file").addEventListener("change", (e) => { if (e.target.files[0]) loadSource(e.target.files[0]); });
-$("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
-$("brush").addEventListener("input", () => { $("brush-value").textContent = $("brush").value; });
-$("clear-mask").addEventListener("click", clearMask);
-const mc = $("mask-canvas");
-let painting = false;
-mc.addEventListener("pointerdown", (e) => { if (!maskCanvas) return; painting = true; mc.setPointerCapture(e.pointerId); paint(e); });
-mc.addEventListener("pointermove", (e) => { if (painting) paint(e); });
-mc.addEventListener("pointerup", () => { painting = false; });
-$("generate").addEventListener("click", generate);
-$("cancel").addEventListener("click", cancel);
-let searchTimer = null;
-$("search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(refreshGallery, 250); });
-init().catch(e => { $("error").textContent = "cannot reach the server: " + e.message; });
-</script>
-</body>
-</html>
+CSS = """
+#preview img, #results img, #gallery img { image-rendering: pixelated; }
+#progress progress { width: 100%; height: 0.9rem; }
+#progress .status { font-variant-numeric: tabular-nums; }
+#control-note { opacity: 0.7; }
 """
 
 
-def page() -> str:
-    return PAGE
+# --- what the handlers do, without Gradio (unit-tested directly) ---------------------------------------
+
+
+def png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def editor_inputs(value: dict[str, Any] | None) -> tuple[Image.Image, Image.Image]:
+    """The ImageEditor's value -> (source image, mask). The source is the editor's background; the mask is
+    the alpha of the painted layer(s), hard-edged: white (255) wherever anything was painted = repaint,
+    black elsewhere = keep."""
+    background = (value or {}).get("background")
+    if background is None:
+        raise InvalidRequestError("inpainting: upload a source image first")
+    source = background if isinstance(background, Image.Image) else Image.fromarray(np.asarray(background))
+    painted = np.zeros((source.height, source.width), dtype=bool)
+    for layer in (value or {}).get("layers") or []:
+        if layer is None:
+            continue
+        im = layer if isinstance(layer, Image.Image) else Image.fromarray(np.asarray(layer))
+        im = im.convert("RGBA")
+        if im.size != source.size:
+            im = im.resize(source.size, Image.NEAREST)
+        painted |= np.asarray(im)[..., 3] > 0
+    if not painted.any():
+        raise InvalidRequestError("inpainting: paint the region to repaint on the source image")
+    return source, Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), "L")
+
+
+def build_request(
+    mode: str,
+    prompt: str,
+    negative_prompt: str,
+    sampler: str,
+    schedule: str,
+    steps: float,
+    cfg_scale: float,
+    seed: float | None,
+    batch: float,
+    width: float,
+    height: float,
+    init_path: str | None = None,
+    img2img_strength: float = 0.75,
+    editor: dict[str, Any] | None = None,
+    inpaint_strength: float = 1.0,
+) -> GenerationRequest:
+    """The form's values -> a validated GenerationRequest (the schema's checks; the server's come at submit).
+    Seed blank or negative: random. img2img sends the uploaded file's bytes as they are."""
+    fields: dict[str, Any] = {
+        "prompt": prompt or "",
+        "negative_prompt": negative_prompt or "",
+        "sampler": sampler,
+        "schedule": schedule,
+        "steps": int(steps),
+        "cfg_scale": float(cfg_scale),
+        "seed": None if seed is None or seed < 0 else int(seed),
+        "batch": int(batch),
+        "width": int(width),
+        "height": int(height),
+    }
+    if mode == "img2img":
+        if not init_path:
+            raise InvalidRequestError("image to image: upload a source image first")
+        fields["init_image"] = base64.b64encode(Path(init_path).read_bytes()).decode("ascii")
+        fields["strength"] = float(img2img_strength)
+    elif mode == "inpaint":
+        source, mask = editor_inputs(editor)
+        fields["init_image"], fields["mask_image"] = png_b64(source), png_b64(mask)
+        fields["strength"] = float(inpaint_strength)
+    elif mode != "txt2img":
+        raise InvalidRequestError(f"unknown mode {mode!r}")
+    try:
+        return GenerationRequest.model_validate(fields)
+    except ValidationError as e:
+        raise InvalidRequestError(format_validation_error(e)) from None
+
+
+def progress_html(state: str, step: int = 0, total: int = 0, text: str = "") -> str:
+    """A progress bar and one status line (``state`` is the job's, or ``idle`` / ``error``)."""
+    if total:
+        bar = f'<progress value="{step}" max="{total}"></progress>'
+    else:  # indeterminate while waiting, none at rest
+        bar = "<progress></progress>" if state in ("queued", "running") else ""
+    return (f'<div class="dl-progress" data-state="{state}" data-step="{step}" data-total="{total}">{bar}'
+            f'<div class="status">{html.escape(text)}</div></div>')
+
+
+def _caption(im: ImageRecord) -> str:
+    prompt = im.prompt if len(im.prompt) <= 60 else im.prompt[:59] + "…"
+    return f"{prompt} · {im.seed}"
+
+
+# --- the Blocks app ----------------------------------------------------------------------------------
+
+
+def build_ui(srv: Server) -> gr.Blocks:
+    model, limits = srv.model, srv.limits
+    f = model.space.factor
+    side_max = max(f, limits.max_side - limits.max_side % f)
+    side_min = -(-max(8, f) // f) * f  # the smallest multiple of f that is at least 8
+    brush_size = max(1, model.sample_size // 16)  # radius in image pixels ("auto" is huge on small images)
+
+    def gallery_items(query: str) -> tuple[list[tuple[str, str]], list[str]]:
+        _, records = srv.store.search_images((query or "")[:200], GALLERY_PAGE, 0)
+        items, ids = [], []
+        for im in records:
+            path = srv.gallery.image_path(im)
+            if path is not None:
+                items.append((str(path), _caption(im)))
+                ids.append(im.id)
+        return items, ids
+
+    async def run(mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
+                  init_path, img2img_strength, editor, inpaint_strength) -> AsyncIterator[tuple]:
+        """Submit like POST /api/jobs, then follow the job: (progress, preview, results, job id)."""
+        try:
+            req = build_request(mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
+                                init_path, img2img_strength, editor, inpaint_strength)
+            job = await asyncio.to_thread(srv.submit, req)
+        except (DreamlabError, QueueFullError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        seen: tuple | None = None
+        shown: bytes | None = None  # the preview last sent
+        first = True  # the first update also clears the last run's preview and results
+        deadline = time.monotonic() + MAX_FOLLOW_SECONDS
+        while time.monotonic() < deadline:
+            job = srv.store.get(job.id, with_request=False) or job
+            if job.state in TERMINAL:
+                break
+            progress = srv.store.progress(job.id) if job.state == "running" else None
+            key = (job.state, progress.version if progress else -1, srv.store.position(job))
+            if key != seen:
+                seen = key
+                preview: Any = None if first else gr.skip()
+                if progress is None or progress.total == 0:
+                    bar = progress_html(job.state, text=f"queued: {key[2]} job(s) ahead" if job.state == "queued" else "starting")
+                else:
+                    bar = progress_html("running", progress.step, progress.total, f"step {progress.step} / {progress.total}")
+                    if progress.preview is not None and progress.preview is not shown:
+                        shown = progress.preview
+                        preview = Image.open(io.BytesIO(progress.preview))
+                yield bar, preview, [] if first else gr.skip(), job.id
+                first = False
+            await asyncio.sleep(POLL_SECONDS)
+        if job.state == "done":
+            images = srv.store.images_of(job.id)
+            seeds = ", ".join(str(im.seed) for im in images)
+            results = [(str(p), _caption(im)) for im in images if (p := srv.gallery.image_path(im)) is not None]
+            n = len(images)
+            yield (progress_html("done", 1, 1, f"done: {n} image{'s' if n != 1 else ''}, seed {seeds}"),
+                   None, results, None)
+        elif job.state in TERMINAL:
+            text = f"{job.state}: {job.error}" if job.error else job.state
+            yield progress_html(job.state, text=text), None, gr.skip(), None
+        else:
+            yield progress_html(job.state, text=f"{job.state}: stopped following it (job {job.id})"), gr.skip(), gr.skip(), None
+
+    def cancel(job_id: str | None) -> str:
+        if job_id and (job := srv.store.get(job_id, with_request=False)) is not None and job.state not in TERMINAL:
+            srv.store.cancel(job_id)
+            return progress_html(job.state, text="cancelling…")
+        return gr.skip()
+
+    def refresh(query: str):
+        items, ids = gallery_items(query)
+        return items, ids, None
+
+    def select(ids: list[str], evt: gr.SelectData):
+        from ..metadata import a1111_parameters
+
+        if not ids or evt.index is None or evt.index >= len(ids):
+            return None, ""
+        im = srv.store.image(ids[evt.index])
+        if im is None:
+            return None, "(deleted)"
+        return im.id, a1111_parameters(im.manifest)
+
+    def delete(image_id: str | None, query: str):
+        if image_id:
+            srv.gallery.delete(image_id)
+        items, ids = gallery_items(query)
+        return items, ids, None, ""
+
+    with gr.Blocks(title="dreamlab", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        mode = gr.State("txt2img")
+        job_id = gr.State(None)
+        gallery_ids = gr.State([])
+        selected = gr.State(None)
+        gr.Markdown(f"## dreamlab\nModel **{html.escape(model.name)}** · {model.sample_size} px · "
+                    f"HTTP API under `/api` ([schema](/openapi.json))", elem_id="model-name")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=2, max_length=limits.max_prompt_chars, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", max_length=limits.max_prompt_chars, elem_id="negative")
+                with gr.Tabs(elem_id="modes"):
+                    with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img") as tab_txt:
+                        gr.Markdown("From noise, guided by the prompt.")
+                    with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img") as tab_img:
+                        init = gr.Image(label="Source image", type="filepath", image_mode=None,
+                                        sources=["upload", "clipboard"], height=280, elem_id="init-image")
+                        img2img_strength = gr.Slider(0, 1, value=0.75, step=0.01, label="Strength (share of the schedule re-run)",
+                                                     elem_id="img2img-strength")
+                    with gr.Tab("Inpainting", id="inpaint", elem_id="tab-inpaint") as tab_inp:
+                        editor = gr.ImageEditor(
+                            label="Source image: paint the region to repaint", type="pil", image_mode="RGBA",
+                            sources=["upload", "clipboard"], layers=False, transforms=(),
+                            brush=gr.Brush(colors=[("#ff00ff", 0.6)], color_mode="fixed", default_size=brush_size),
+                            eraser=gr.Eraser(), height=360, elem_id="mask-editor",
+                        )
+                        inpaint_strength = gr.Slider(0, 1, value=1.0, step=0.01, label="Strength", elem_id="inpaint-strength")
+                with gr.Group(elem_id="control"):  # shown, disabled: there is nothing to send it to yet
+                    gr.Image(label="Control image (disabled)", interactive=False, height=120, elem_id="control-image")
+                    gr.Markdown(CONTROL_NOTE, elem_id="control-note", padding=True)
+                with gr.Row():
+                    sampler = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m", label="Sampler", elem_id="sampler")
+                    schedule = gr.Dropdown(list(SPACINGS), value="karras", label="Schedule", elem_id="schedule")
+                with gr.Row():
+                    steps = gr.Slider(1, limits.max_steps, value=min(30, limits.max_steps), step=1, label="Steps", elem_id="steps")
+                    cfg = gr.Slider(0, 50, value=5.0, step=0.5, label="Guidance scale", elem_id="cfg")
+                with gr.Row():
+                    seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (blank or -1: random)", elem_id="seed")
+                    batch = gr.Slider(1, limits.max_batch, value=1, step=1, label="Batch", elem_id="batch")
+                with gr.Row():
+                    default_side = min(max(model.sample_size, side_min), side_max)
+                    width = gr.Slider(side_min, side_max, value=default_side, step=f, label="Width", elem_id="width")
+                    height = gr.Slider(side_min, side_max, value=default_side, step=f, label="Height", elem_id="height")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                progress = gr.HTML(progress_html("idle", text="ready"), elem_id="progress")
+                preview = gr.Image(label="Preview (x0 estimate)", type="pil", format="png", interactive=False,
+                                   height=200, elem_id="preview")
+                results = gr.Gallery(label="Results", columns=4, height=320, fit_columns=False, interactive=False,
+                                     buttons=["download", "fullscreen"], elem_id="results")
+        gr.Markdown("### Gallery")
+        with gr.Row():
+            search = gr.Textbox(label="Search prompts", max_length=200, scale=4, elem_id="search")
+            refresh_btn = gr.Button("Refresh", scale=1, elem_id="refresh")
+        gallery = gr.Gallery(label="Gallery (newest first)", columns=8, height=360, fit_columns=False, interactive=False,
+                             buttons=["download", "fullscreen"], elem_id="gallery")
+        with gr.Row():
+            params = gr.Textbox(label="Selected image: parameters", lines=3, interactive=False, scale=4, elem_id="params")
+            delete_btn = gr.Button("Delete selected", variant="stop", scale=1, elem_id="delete")
+
+        for tab, name in ((tab_txt, "txt2img"), (tab_img, "img2img"), (tab_inp, "inpaint")):
+            tab.select(lambda name=name: name, None, mode, queue=False, show_progress="hidden", api_visibility="private")
+        inputs = [mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
+                  init, img2img_strength, editor, inpaint_strength]
+        gen = generate.click(run, inputs, [progress, preview, results, job_id], show_progress="hidden",
+                             concurrency_limit=None, api_name="generate")
+        gen.then(refresh, search, [gallery, gallery_ids, selected], show_progress="hidden", api_visibility="private")
+        stop.click(cancel, job_id, progress, queue=False, show_progress="hidden", api_visibility="private")
+        for trigger in (search.submit, refresh_btn.click, demo.load):
+            trigger(refresh, search, [gallery, gallery_ids, selected], show_progress="hidden", api_visibility="private")
+        gallery.select(select, gallery_ids, [selected, params], show_progress="hidden", api_visibility="private")
+        delete_btn.click(delete, [selected, search], [gallery, gallery_ids, selected, params], show_progress="hidden",
+                         api_visibility="private")
+    return demo
+
+
+def theme() -> gr.themes.Base:
+    """Gradio's default look with the system's fonts (the default theme would fetch Google Fonts)."""
+    return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def mount_ui(app: FastAPI, srv: Server, path: str = "/") -> FastAPI:
+    """Mount the UI on ``app`` (after every API route, so ``/api`` and ``/openapi.json`` keep theirs)."""
+    return gr.mount_gradio_app(
+        app, build_ui(srv), path=path, theme=theme(), css=CSS, footer_links=[], run_history=False,
+        allowed_paths=[str(srv.gallery.images_dir.resolve())], max_file_size=srv.limits.max_body_bytes,
+        ssr_mode=False, mcp_server=False, show_error=True,
+    )

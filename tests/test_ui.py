@@ -1,0 +1,169 @@
+"""The Gradio UI without a browser: the ImageEditor value -> (source, mask) conversion, the form -> request
+mapping, and the Generate handler through Gradio's own HTTP API in-process: it queues the job in the same
+persistent job store as POST /api/jobs and streams progress, previews and the final images."""
+
+import base64
+import io
+import json
+import re
+import socket
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from dreamlab.errors import DreamlabError, InvalidRequestError
+from dreamlab.loading.model import load_model
+from dreamlab.models.tiny import make_tiny_model
+from dreamlab.server.app import create_app
+from dreamlab.server.ui import build_request, editor_inputs
+
+FORM = dict(mode="txt2img", prompt="red apple", negative_prompt="", sampler="euler", schedule="karras", steps=6,
+            cfg_scale=5, seed=3, batch=2, width=16, height=16)
+
+
+def rgba(size=(16, 12), seed=0):
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    arr[..., 3] = 255
+    return Image.fromarray(arr, "RGBA")
+
+
+def test_the_mask_is_the_painted_layers_alpha_hard_edged():
+    source = rgba()
+    layer = np.zeros((12, 16, 4), dtype=np.uint8)
+    layer[2:5, 3:9] = (255, 0, 255, 153)  # a stroke at 60% opacity
+    layer[10, 15, 3] = 1  # the faint edge of a stroke still counts
+    other = np.zeros((6, 8, 4), dtype=np.uint8)  # a layer at half size is scaled to the source
+    other[5, 0, 3] = 255
+    src, mask = editor_inputs({"background": source, "layers": [Image.fromarray(layer, "RGBA"), None, other], "composite": None})
+    assert src is source and mask.mode == "L" and mask.size == (16, 12)
+    m = np.asarray(mask)
+    expected = np.zeros((12, 16), dtype=np.uint8)
+    expected[2:5, 3:9] = 255
+    expected[10, 15] = 255
+    expected[10:12, 0:2] = 255
+    assert np.array_equal(m, expected)
+
+
+@pytest.mark.parametrize(
+    "value,needle",
+    [
+        (None, "upload a source image first"),
+        ({"background": None, "layers": [], "composite": None}, "upload a source image first"),
+        ({"background": rgba(), "layers": [], "composite": None}, "paint the region to repaint"),
+        ({"background": rgba(), "layers": [Image.new("RGBA", (16, 12))], "composite": None}, "paint the region"),
+    ],
+)
+def test_an_unusable_editor_value_says_what_to_do(value, needle):
+    with pytest.raises(InvalidRequestError, match=needle):
+        editor_inputs(value)
+
+
+def test_the_form_becomes_a_request(tmp_path):
+    req = build_request(**FORM)
+    assert (req.prompt, req.sampler, req.steps, req.seed, req.batch, req.width, req.init_image) == ("red apple", "euler", 6, 3, 2, 16, None)
+    assert build_request(**{**FORM, "seed": -1}).seed is None and build_request(**{**FORM, "seed": None}).seed is None
+
+    path = tmp_path / "photo.jpg"
+    rgba().convert("RGB").save(path, quality=90)
+    req = build_request(**{**FORM, "mode": "img2img"}, init_path=str(path), img2img_strength=0.4)
+    assert base64.b64decode(req.init_image) == path.read_bytes() and req.strength == 0.4 and req.mask_image is None
+
+    layer = np.zeros((12, 16, 4), dtype=np.uint8)
+    layer[:, 8:, 3] = 255
+    editor = {"background": rgba(), "layers": [Image.fromarray(layer, "RGBA")], "composite": None}
+    req = build_request(**{**FORM, "mode": "inpaint"}, editor=editor, inpaint_strength=0.9)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(req.mask_image))))
+    assert req.strength == 0.9 and mask[:, :8].max() == 0 and mask[:, 8:].min() == 255
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(req.init_image)))), np.asarray(rgba()))
+
+    with pytest.raises(InvalidRequestError, match="image to image: upload a source image first"):
+        build_request(**{**FORM, "mode": "img2img"})
+    with pytest.raises(InvalidRequestError, match=r"^steps: .*; cfg_scale: ") as e:
+        build_request(**{**FORM, "steps": 0, "cfg_scale": -1})
+    assert "\n" not in str(e.value)
+    with pytest.raises(DreamlabError, match="unknown sampler 'nope'"):
+        build_request(**{**FORM, "sampler": "nope"})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_model(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+def call(client, data):
+    """Gradio's HTTP API for the Generate button: its server-sent events as (name, data)."""
+    r = client.post("/gradio_api/call/generate", json={"data": data})
+    assert r.status_code == 200, r.text
+    events, name = [], None
+    with client.stream("GET", f"/gradio_api/call/generate/{r.json()['event_id']}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Record (and refuse) every name lookup or connection to anything but this machine."""
+    attempts = []
+    local = ("localhost", "127.0.0.1", "::1", "testserver", None)
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in local:
+            attempts.append(host)
+            raise socket.gaierror(f"no network in this test ({host})")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def connect(sock, address):
+        if isinstance(address, tuple) and address[0] not in local:
+            attempts.append(address)
+            raise OSError(f"no network in this test ({address})")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return attempts
+
+
+def test_generate_queues_in_the_job_store_and_streams_progress(tiny, tmp_path, no_network):
+    app = create_app(tiny, tmp_path / "data", preview_every=1)
+    store = app.state.server.store
+    store.set_progress = slowed(store.set_progress)
+    with TestClient(app) as client:
+        # prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height, init, strength, editor, strength
+        events = call(client, ["red apple", "blurry", "euler", "karras", 6, 4, 3, 2, 16, 16, None, 0.75, None, 1.0])
+        assert events[-1][0] == "complete"
+        status = [e[0] for _, e in events]
+        steps = [int(m[1]) for s in status if (m := re.search(r'<progress value="(\d)" max="6">.*step \1 / 6', s))]
+        assert steps and steps == sorted(steps), status
+        assert any(isinstance(e[1], dict) and e[1].get("path", "").endswith(".png") for _, e in events[:-1]), "no preview"
+        final = events[-1][1]
+        assert "done: 2 images, seed 3, 4" in final[0] and final[3] is None
+        assert [item["caption"] for item in final[2]] == ["red apple · 3", "red apple · 4"]
+
+        (job,) = client.get("/api/jobs").json()["items"]  # the same queue and store as the API
+        assert job["state"] == "done" and job["request"]["negative_prompt"] == "blurry" and job["request"]["cfg_scale"] == 4
+        for item, image in zip(final[2], job["images"], strict=True):
+            shown = np.asarray(Image.open(item["image"]["path"]))
+            assert np.array_equal(shown, np.asarray(Image.open(io.BytesIO(client.get(image["url"]).content))))
+
+        # the server's limits apply, as for POST /api/jobs: an error event, no job
+        events = call(client, ["x", "", "euler", "karras", 6, 4, 2**63 - 1, 2, 16, 16, None, 0.75, None, 1.0])
+        assert events[-1][0] == "error" and "seed + batch - 1 exceeds" in json.dumps(events[-1][1])
+        assert len(client.get("/api/jobs").json()["items"]) == 1
+    time.sleep(0.2)  # a background thread (analytics, version check) would have asked by now
+    assert no_network == []  # Gradio made no network call: no analytics, no version check
+
+
+def slowed(set_progress, seconds=0.05):
+    def wrapper(*args, **kwargs):
+        time.sleep(seconds)
+        set_progress(*args, **kwargs)
+
+    return wrapper
