@@ -19,3 +19,18 @@ def make_tiny_unet(**kw):
 @pytest.fixture(scope="session")
 def tiny_unet():
     return make_tiny_unet()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random model folder in the full format (tests that change files copy it first)."""
+    from dreamlab.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from dreamlab.loading.model import load_model
+
+    return load_model(tiny_dir)

@@ -12,17 +12,6 @@ from dreamlab.errors import InvalidRequestError, NonFiniteError, UnknownNameErro
 from dreamlab.generate import generate, make_request
 from dreamlab.loading.model import load_model
 from dreamlab.metadata import read_manifest, save_png
-from dreamlab.models.tiny import make_tiny_model
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_dir):
-    return load_model(tiny_dir)
 
 
 def test_generates_rgba_images_of_the_requested_size(tiny):

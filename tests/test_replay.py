@@ -14,19 +14,8 @@ from dreamlab.cli import main
 from dreamlab.generate import generate, make_request
 from dreamlab.loading.model import load_model
 from dreamlab.metadata import read_manifest, save_png
-from dreamlab.models.tiny import make_tiny_model
 from dreamlab.errors import DreamlabError, IntegrityError
 from dreamlab.replay import compare_pixels, diff_model_files, resolve_input
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return load_model(tiny_dir)
 
 
 def source_file(path, size=16):

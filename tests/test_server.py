@@ -15,20 +15,9 @@ from PIL import Image
 from dreamlab.generate import encode_image, generate, make_request
 from dreamlab.loading.model import load_model
 from dreamlab.metadata import read_manifest
-from dreamlab.models.tiny import make_tiny_model
 from dreamlab.server.app import Limits, create_app
 
 TERMINAL = {"done", "failed", "cancelled"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return load_model(tiny_dir)
 
 
 @pytest.fixture
