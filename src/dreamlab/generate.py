@@ -229,6 +229,7 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
             m = mask.to(images.device)
             images = images * m + source.to(images.device) * (1 - m)
 
+    recorded = _recorded(req.model_dump())  # input images hashed once for the whole batch
     base = {
         "dreamlab_version": __version__,
         "torch_version": torch.__version__,
@@ -236,10 +237,10 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
         "model": {"name": model.name, "source": model.source, "files": model.files},
         "sampler": req.sampler,
         "sigmas": [float(s) for s in sigmas],
-        "request": _recorded(req.model_dump()),
+        "request": recorded,
     }
     manifests = []
     for i in range(req.batch):
-        per_image = _recorded(req.model_copy(update={"seed": seed + i, "batch": 1}).model_dump())
+        per_image = {**recorded, "seed": seed + i, "batch": 1}
         manifests.append({**base, "seed": seed + i, "batch_index": i, "request": per_image, "width": width, "height": height})
     return Result(images=to_pil(images), manifests=manifests, latents=state, pixels=images.clamp(-1, 1))
