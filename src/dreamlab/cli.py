@@ -81,8 +81,6 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, required: tuple[str
     import dataclasses
 
     for f in dataclasses.fields(cls):
-        if f.name == "extra":
-            continue
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is dataclasses.MISSING else f.default
         kind = str(f.type)

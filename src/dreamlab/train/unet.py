@@ -13,7 +13,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,7 +71,6 @@ class UNetConfig:
     log_every: int = 20
     seed: int = 0
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
 
 
 def build_unet(cfg: UNetConfig, cross_dim: int = 384, sample_size: int = 16):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,6 @@ class VAEConfig:
     seed: int = 0
     styles: tuple[str, ...] = ("google", "twitter")
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
 
 
 def build_vae(cfg: VAEConfig):
