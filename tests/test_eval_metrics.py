@@ -32,10 +32,51 @@ def test_topk_accuracy():
     assert acc[1] == pytest.approx(1 / 3) and acc[2] == pytest.approx(2 / 3)
 
 
-def test_judge_trains_and_round_trips(tmp_path):
-    from dreamlab.eval.judge import JudgeConfig, judge_outputs, load_judge, train_judge
+FIXTURE = Path(__file__).parent / "fixtures" / "emoji"
 
-    out = train_judge(JudgeConfig(data=str(Path(__file__).parent / "fixtures" / "emoji"), out=str(tmp_path), epochs=1, batch_size=16))
-    judge, bases, labels = load_judge(out)
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    from dreamlab.eval.judge import JudgeConfig, train_judge
+
+    return train_judge(JudgeConfig(data=str(FIXTURE), out=str(tmp_path_factory.mktemp("judge")), epochs=1, batch_size=16))
+
+
+def test_judge_trains_and_round_trips(judge_dir):
+    from dreamlab.eval.judge import judge_outputs, load_judge
+
+    judge, bases, labels = load_judge(judge_dir)
     feats, logits = judge_outputs(judge, torch.zeros(3, 4, 64, 64))
     assert feats.shape == (3, 256) and logits.shape == (3, len(bases)) and len(labels) == len(bases)
+
+
+def test_eval_of_a_model_and_of_every_snapshot_of_a_run(tmp_path, tiny_dir, judge_dir, capsys):
+    import json
+    import shutil
+
+    from dreamlab.cli import main
+
+    common = ["--data", str(FIXTURE), "--judge", str(judge_dir), "--prompts", "2", "--per-prompt", "2", "--steps", "2"]
+    assert main(["eval", "--model", str(tiny_dir), "--json", str(tmp_path / "eval.json"), *common]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["n_generated"] == 4 and result["n_real_held_out"] == 5
+    assert 0 <= result["model"]["top1"] <= result["model"]["top5"] <= 1
+    assert "held-out real (ceiling)" in capsys.readouterr().out
+
+    run = tmp_path / "run"
+    for step, hours in ((100, 0.5), (200, 1.25)):
+        snap = shutil.copytree(tiny_dir, run / "snapshots" / f"step-{step:07d}")
+        spec = json.loads((snap / "dreamlab.json").read_text())
+        (snap / "dreamlab.json").write_text(json.dumps({**spec, "training": {"steps": step, "train_hours": hours}}))
+    assert main(["eval", "--run", str(run), *common]) == 0
+    curve = json.loads((run / "curve.json").read_text())
+    assert [(p["steps"], p["train_hours"]) for p in curve] == [(100, 0.5), (200, 1.25)]
+    assert curve[0]["ceiling_top5"] == curve[1]["ceiling_top5"] == result["real_held_out"]["top5"]
+    assert (run / "curve.png").stat().st_size > 0
+
+
+def test_eval_of_a_run_without_snapshots_says_so(tmp_path, judge_dir, capsys):
+    from dreamlab.cli import main
+
+    assert main(["eval", "--run", str(tmp_path), "--data", str(FIXTURE), "--judge", str(judge_dir)]) == 2
+    assert "no snapshots" in capsys.readouterr().err

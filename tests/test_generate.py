@@ -102,6 +102,24 @@ def test_cli_generate_writes_pngs(tiny_dir, tmp_path, capsys):
     assert read_manifest(tmp_path / "img-1.png")["seed"] == 4
 
 
+def test_cli_grid_is_the_same_images_as_generate_with_labels(tiny_dir, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    prompts = ["red apple", "a prompt far too long to fit under one small image in the sheet", "cat"]
+    assert main(["grid", *prompts, "-o", str(out), "--model", str(tiny_dir), "--steps", "2", "--cols", "2", "--seed", "5"]) == 0
+    sheet = Image.open(out)
+    assert sheet.size == (2 * (150 + 6) + 6, 2 * (32 + 16 + 6) + 6)  # 16 px images at scale 2, cells >= 150 px wide
+    # The third cell (row 2, col 1) holds the image generate() makes for "cat" with seed 5 + 2.
+    assert main(["generate", "cat", "-o", str(tmp_path / "cat.png"), "--model", str(tiny_dir), "--steps", "2", "--seed", "7",
+                 "--cfg", "5", "-q"]) == 0
+    from dreamlab.images import on_background
+
+    cat = on_background(Image.open(tmp_path / "cat.png")).resize((32, 32), Image.NEAREST)
+    x0, y0 = 6 + (150 - 32) // 2, 6 + (32 + 16 + 6)
+    assert list(sheet.crop((x0, y0, x0 + 32, y0 + 32)).getdata()) == list(cat.getdata())
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [

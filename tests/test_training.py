@@ -69,14 +69,31 @@ def test_unet_training_with_two_processes_on_gloo(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "dreamlab.cli", "train", "unet", "--data", str(FIXTURE), "--vae", str(vae_dir), "--out", str(out),
            "--steps", "2", "--batch-size", "2", "--block-out-channels", "32,32", "--layers-per-block", "1",
-           "--captions-per-image", "1", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "1000", "--device", "cpu"]
+           "--captions-per-image", "1", "--log-every", "1", "--ckpt-every", "1", "--snapshot-every", "1",
+           "--sample-every", "1000", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["world"] for r in log] == [2, 2]
+    assert 0 < log[0]["train_hours"] < log[1]["train_hours"]  # compute is counted, and only grows
     assert latest_checkpoint(out).name == "step-0000002"
     spec = json.loads((out / "model" / "dreamlab.json").read_text())
     assert spec["text_encoder"]["source"] == "minilm"
+    assert spec["training"]["steps"] == 2 and spec["training"]["world"] == 2
+
+    # Snapshots for the alignment-vs-compute curve: fp16 on disk, float32 when loaded, one per step here.
+    from safetensors.torch import load_file
+
+    from dreamlab.loading.model import load_model
+
+    snaps = sorted((out / "snapshots").iterdir())
+    assert [p.name for p in snaps] == ["step-0000001", "step-0000002"]
+    weights = load_file(str(snaps[1] / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    model = load_model(snaps[1])
+    assert next(model.unet.parameters()).dtype == torch.float32
+    hours = [json.loads((p / "dreamlab.json").read_text())["training"]["train_hours"] for p in snaps]
+    assert 0 < hours[0] < hours[1]
 
 
 def test_training_starts_from_committed_weights_when_checkpoints_are_lost(tmp_path):

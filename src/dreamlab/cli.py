@@ -128,14 +128,40 @@ cmd_train_judge = _train("judge", ".eval.judge", "JudgeConfig", "train_judge")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.evaluate import EvalConfig, evaluate, format_table, save_result
+    from .eval.evaluate import EvalConfig, evaluate, evaluate_run, format_table, save_result
 
-    result = evaluate(_config(EvalConfig, args))
+    cfg = _config(EvalConfig, args)
+    if cfg.run:
+        points = evaluate_run(cfg, cfg.run)
+        print(f"{len(points)} snapshots scored; curve written to {Path(cfg.run).expanduser() / 'curve.png'}")
+        return 0
+    result = evaluate(cfg)
     print(format_table(result))
     print(f"{result['n_generated']} generated images, {result['n_real_held_out']} held-out real; "
           f"{result['seconds_per_image']:.2f} s per generated image")
     if args.json:
         save_result(result, Path(args.json))
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from .generate import generate, make_request
+    from .images import labelled_grid
+    from .loading.model import load_model
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    images = []
+    for i, prompt in enumerate(args.prompts):
+        req = make_request(prompt=prompt, seed=args.seed + i, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
+        images += generate(model, req).images
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid(images, args.prompts, cols=args.cols).save(out)
+    print(f"{len(images)} images -> {out} (image i uses seed {args.seed} + i)")
     return 0
 
 
@@ -169,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
 
+    gr = sub.add_parser("grid", help="one image per prompt, in a labelled contact sheet")
+    gr.add_argument("prompts", nargs="+")
+    gr.add_argument("-o", "--output", default="grid.png")
+    gr.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gr.add_argument("--steps", type=int, default=30)
+    gr.add_argument("--cfg", type=float, default=5.0)
+    gr.add_argument("--sampler", default="dpmpp_2m")
+    gr.add_argument("--cols", type=int, default=4)
+    gr.add_argument("--model", help="model folder; default: the installed default model")
+    gr.add_argument("--threads", type=int)
+    gr.set_defaults(func=cmd_grid)
+
     s = sub.add_parser("samplers", help="list the samplers")
     s.set_defaults(func=cmd_samplers)
 
@@ -177,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_cli(sub)
     add_replay_cli(sub)
+    from .train.ship import add_cli as add_ship_cli
+
+    add_ship_cli(sub)
 
     from .data.emoji import add_cli as add_emoji_cli
     from .train.unet import UNetConfig
@@ -204,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     tj.set_defaults(func=cmd_train_judge)
 
     ev = sub.add_parser("eval", help="FID, KID and prompt alignment of a model, with the held-out real ceiling")
-    add_dataclass_args(ev, EvalConfig, required=("data", "judge"))
+    add_dataclass_args(ev, EvalConfig)
     ev.add_argument("--json", help="also write the results here")
     ev.add_argument("--threads", type=int)
     ev.set_defaults(func=cmd_eval)

@@ -36,3 +36,25 @@ def grid(images: list[Image.Image], cols: int | None = None, scale: int = 1, pad
         im = on_background(im).resize((w, h), Image.NEAREST)
         sheet.paste(im, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
     return sheet
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str], cols: int = 4, scale: int = 2, pad: int = 6) -> Image.Image:
+    """A contact sheet with each image's label (e.g. its prompt) written under it."""
+    from PIL import ImageDraw, ImageFont
+
+    if len(images) != len(labels) or not images:
+        raise ValueError("labelled_grid needs one label per image, and at least one image")
+    font = ImageFont.load_default(size=11)
+    w, h = images[0].size[0] * scale, images[0].size[1] * scale
+    cell_w, text_h = max(w, 150), 16
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (h + text_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, label) in enumerate(zip(images, labels)):
+        x0, y0 = pad + (i % cols) * (cell_w + pad), pad + (i // cols) * (h + text_h + pad)
+        sheet.paste(on_background(im).resize((w, h), Image.NEAREST), (x0 + (cell_w - w) // 2, y0))
+        text = label if draw.textlength(label, font=font) <= cell_w else label[: max(1, len(label) - 3)] + "..."
+        while draw.textlength(text, font=font) > cell_w and len(text) > 4:
+            text = text[:-4] + "..."
+        draw.text((x0 + cell_w / 2, y0 + h + 2), text, fill=(40, 40, 40), font=font, anchor="ma")
+    return sheet

@@ -19,15 +19,23 @@ import torch
 
 from ..data.captions import canonical_caption
 from ..data.dataset import EmojiDataset
+from ..data.emoji import DEFAULT_DATA_DIR
+from ..errors import ModelNotFoundError
 from .judge import judge_outputs, load_judge
 from .metrics import fid, kid, topk_accuracy
 
 
+def default_judge_dir() -> Path:
+    """The judge shipped with the package, next to the default model."""
+    return Path(__file__).resolve().parent.parent / "weights" / "judge"
+
+
 @dataclass
 class EvalConfig:
-    data: str
-    judge: str
-    model: str | None = None
+    data: str = str(DEFAULT_DATA_DIR)  # built by `dreamlab data emoji`
+    judge: str = str(default_judge_dir())
+    model: str | None = None  # default: the installed default model
+    run: str | None = None  # a `dreamlab train unet` run folder: score each snapshot, plot alignment vs hours
     prompts: int = 100  # distinct held-out prompts
     per_prompt: int = 2
     steps: int = 20
@@ -52,51 +60,110 @@ def held_out_prompts(test: EmojiDataset, n: int) -> list[dict]:
     return chosen[:n]
 
 
+class _Evaluator:
+    """The judge, the held-out real features and the ceiling, computed once for any number of models."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self.judge, bases, _ = load_judge(cfg.judge)
+        self.pos = {b: i for i, b in enumerate(bases)}
+        data = Path(cfg.data).expanduser()
+        self.test = EmojiDataset(data, split="test")
+        train = EmojiDataset(data, split="train")
+        real_test = _images(self.test, self.test.records)
+        self.n_real = len(real_test)
+        self.f_test, l_test = judge_outputs(self.judge, real_test)
+        y_test = torch.tensor([self.pos[r["base"]] for r in self.test.records])
+        g = torch.Generator().manual_seed(cfg.seed)
+        sub = torch.randperm(len(train.records), generator=g)[: len(self.test.records)].tolist()
+        f_train, _ = judge_outputs(self.judge, _images(train, [train.records[i] for i in sub]))
+        self.ceiling = {
+            "fid": fid(f_train, self.f_test),
+            "kid": kid(f_train, self.f_test)[0],
+            **{f"top{k}": v for k, v in topk_accuracy(l_test, y_test).items()},
+        }
+
+    def score(self, model_dir: str | Path | None) -> dict:
+        from tqdm import tqdm
+
+        from ..generate import generate, make_request
+        from ..loading.model import load_model
+
+        cfg = self.cfg
+        model = load_model(model_dir)
+        prompts = held_out_prompts(self.test, cfg.prompts)
+        generated, labels = [], []
+        t0 = time.time()
+        for i, r in enumerate(tqdm(prompts, desc="generating", leave=False)):
+            req = make_request(prompt=canonical_caption(r), seed=cfg.seed + i * cfg.per_prompt, batch=cfg.per_prompt,
+                               steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
+            generated.append(generate(model, req).pixels)
+            labels += [self.pos[r["base"]]] * cfg.per_prompt
+        seconds = time.time() - t0
+        gen = torch.cat(generated)
+        f_gen, l_gen = judge_outputs(self.judge, gen)
+        return {
+            "model": {"fid": fid(f_gen, self.f_test), "kid": kid(f_gen, self.f_test)[0],
+                      **{f"top{k}": v for k, v in topk_accuracy(l_gen, torch.tensor(labels)).items()}},
+            "real_held_out": self.ceiling,
+            "n_generated": len(gen),
+            "n_real_held_out": self.n_real,
+            "seconds_per_image": seconds / max(1, len(gen)),
+            "training": _training_info(model_dir),
+            "settings": dict(cfg.__dict__),
+        }
+
+
+def _training_info(model_dir: str | Path | None) -> dict:
+    from ..loading.model import default_model_dir
+
+    spec = Path(model_dir).expanduser() / "dreamlab.json" if model_dir else default_model_dir() / "dreamlab.json"
+    return json.loads(spec.read_text()).get("training", {}) if spec.exists() else {}
+
+
 def evaluate(cfg: EvalConfig) -> dict:
-    from tqdm import tqdm
+    """FID, KID and top-1/top-5 alignment of ``cfg.model`` (the default model when None), with the ceiling."""
+    return _Evaluator(cfg).score(cfg.model)
 
-    from ..generate import generate, make_request
-    from ..loading.model import load_model
 
-    judge, bases, _ = load_judge(cfg.judge)
-    pos = {b: i for i, b in enumerate(bases)}
-    test = EmojiDataset(Path(cfg.data), split="test")
-    train = EmojiDataset(Path(cfg.data), split="train")
-    real_test = _images(test, test.records)
-    f_test, l_test = judge_outputs(judge, real_test)
-    y_test = torch.tensor([pos[r["base"]] for r in test.records])
-    g = torch.Generator().manual_seed(cfg.seed)
-    sub = torch.randperm(len(train.records), generator=g)[: len(test.records)].tolist()
-    f_train, _ = judge_outputs(judge, _images(train, [train.records[i] for i in sub]))
-    ceiling = {
-        "fid": fid(f_train, f_test),
-        "kid": kid(f_train, f_test)[0],
-        **{f"top{k}": v for k, v in topk_accuracy(l_test, y_test).items()},
-    }
+def evaluate_run(cfg: EvalConfig, run: str | Path) -> list[dict]:
+    """Evaluate every snapshot of a `dreamlab train unet` run: alignment against training hours.
 
-    model = load_model(cfg.model)
-    prompts = held_out_prompts(test, cfg.prompts)
-    generated, labels = [], []
-    t0 = time.time()
-    for i, r in enumerate(tqdm(prompts, desc="generating", leave=False)):
-        req = make_request(prompt=canonical_caption(r), seed=cfg.seed + i * cfg.per_prompt, batch=cfg.per_prompt,
-                           steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
-        res = generate(model, req)
-        generated.append(res.pixels)
-        labels += [pos[r["base"]]] * cfg.per_prompt
-    seconds = time.time() - t0
-    gen = torch.cat(generated)
-    f_gen, l_gen = judge_outputs(judge, gen)
-    result = {
-        "model": {"fid": fid(f_gen, f_test), "kid": kid(f_gen, f_test)[0],
-                  **{f"top{k}": v for k, v in topk_accuracy(l_gen, torch.tensor(labels)).items()}},
-        "real_held_out": ceiling,
-        "n_generated": len(gen),
-        "n_real_held_out": len(real_test),
-        "seconds_per_image": seconds / max(1, len(gen)),
-        "settings": {k: v for k, v in cfg.__dict__.items()},
-    }
-    return result
+    Writes ``curve.json`` and ``curve.png`` in the run folder."""
+    run = Path(run).expanduser()
+    snaps = sorted(p for p in (run / "snapshots").glob("step-*") if (p / "dreamlab.json").exists())
+    if not snaps:
+        raise ModelNotFoundError(f"no snapshots in {run / 'snapshots'}; `dreamlab train unet` writes them every --snapshot-every steps")
+    ev = _Evaluator(cfg)
+    points = []
+    for snap in snaps:
+        result = ev.score(snap)
+        points.append({"snapshot": snap.name, **result["training"], **result["model"], "ceiling_top5": ev.ceiling["top5"]})
+        print(json.dumps(points[-1]))
+    (run / "curve.json").write_text(json.dumps(points, indent=2))
+    plot_curve(points, run / "curve.png")
+    return points
+
+
+def plot_curve(points: list[dict], dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hours = [p.get("train_hours", float("nan")) for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(hours, [p["top5"] for p in points], "o-", label="model top-5")
+    ax.plot(hours, [p["top1"] for p in points], "o-", label="model top-1")
+    ax.axhline(points[0]["ceiling_top5"], color="gray", ls="--", label="held-out real top-5 (ceiling)")
+    ax.axhline(points[0]["ceiling_top5"] / 2, color="gray", ls=":", label="half the ceiling (target)")
+    ax.set_xlabel("training hours")
+    ax.set_ylabel("prompt alignment (judge accuracy)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest, dpi=100)
+    plt.close(fig)
 
 
 def format_table(result: dict) -> str:

@@ -71,7 +71,7 @@ class Judge(nn.Module):
 class JudgeConfig:
     data: str
     out: str
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 5e-4

@@ -31,6 +31,7 @@ from .common import (
     Dist,
     Log,
     init_distributed,
+    latest_checkpoint,
     lr_at,
     resume,
     save_checkpoint,
@@ -51,23 +52,25 @@ class UNetConfig:
     data: str  # emoji dataset folder
     vae: str  # exported VAE folder (dreamlab train vae)
     out: str  # run folder
-    steps: int = 50000
-    batch_size: int = 64  # per process
-    lr: float = 3e-4
-    warmup: int = 500
+    steps: int = 6000
+    batch_size: int = 32  # per process
+    lr: float = 4e-4
+    warmup: int = 200
     weight_decay: float = 0.01
     min_snr_gamma: float | None = 5.0
     prediction: str = "v_prediction"
     cond_dropout: float = 0.1
-    captions_per_image: int = 8  # caption variants encoded once and cycled over epochs
+    captions_per_image: int = 4  # caption variants encoded once and cycled over epochs
     max_length: int = 24  # text tokens
-    block_out_channels: tuple[int, ...] = (64, 128, 256)
-    layers_per_block: int = 2
+    # 11.5M parameters, 0.85 GFLOP per 16x16x4 forward: sized for hours of 2-core CPU (docs/training.md)
+    block_out_channels: tuple[int, ...] = (64, 128, 192)
+    layers_per_block: int = 1
     attention_head_dim: int = 8
     init: str | None = None  # weights to start from when --out has no checkpoint (diffusers folder)
-    ema_decay: float = 0.9995
-    ckpt_every: int = 500
-    sample_every: int = 2000
+    ema_decay: float = 0.999  # a ~1,000-step window: runs here are thousands of steps, not hundreds of thousands
+    ckpt_every: int = 200
+    snapshot_every: int = 1000  # fp16 EMA model folders kept for the alignment-vs-compute curve
+    sample_every: int = 1000
     log_every: int = 20
     seed: int = 0
     device: str = "auto"
@@ -146,7 +149,19 @@ def build_cache(cfg: UNetConfig, cache: Path) -> None:
         str(cache / "cache.safetensors"),
     )
     (cache / "captions.json").write_text(json.dumps(texts[: len(ds)], indent=0))
-    (cache / "cache.json").write_text(json.dumps({"vae": str(Path(cfg.vae).resolve()), "n": len(ds), "k": cfg.captions_per_image, "max_length": cfg.max_length}))
+    (cache / "cache.json").write_text(json.dumps({**_cache_key(cfg), "n": len(ds)}))
+
+
+def _cache_key(cfg: UNetConfig) -> dict:
+    return {"vae": str(Path(cfg.vae).expanduser().resolve()), "k": cfg.captions_per_image, "max_length": cfg.max_length}
+
+
+def _cache_matches(cfg: UNetConfig, cache: Path) -> bool:
+    """A cache made from another VAE or other caption settings is rebuilt, never silently reused."""
+    if not (cache / "cache.safetensors").exists() or not (cache / "cache.json").exists():
+        return False
+    have = json.loads((cache / "cache.json").read_text())
+    return all(have.get(k) == v for k, v in _cache_key(cfg).items())
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -163,16 +178,24 @@ class _Net(torch.nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=tokens, encoder_attention_mask=mask).sample
 
 
-def export_model(unet_cfg: dict, ema: EMA, vae_dir: Path, dest: Path, cfg: UNetConfig, extra: dict | None = None) -> Path:
-    """A complete dreamlab model folder (diffusers format) with the EMA weights."""
-    from diffusers import UNet2DConditionModel
+def export_model(
+    unet_cfg: dict, ema: EMA, vae_dir: Path, dest: Path, cfg: UNetConfig, extra: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A complete dreamlab model folder (diffusers format) with the EMA weights, stored in ``dtype``
+    (fp16 halves the size; the loader computes in float32 either way)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_config(unet_cfg)
     ema.copy_to(unet)
     tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet")
-    shutil.copytree(vae_dir, tmp / "vae", ignore=shutil.ignore_patterns(".*"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    unet.to(dtype).save_pretrained(tmp / "unet")
+    if dtype == torch.float32:
+        shutil.copytree(vae_dir, tmp / "vae", ignore=shutil.ignore_patterns(".*"))
+    else:
+        AutoencoderKL.from_pretrained(vae_dir).to(dtype).save_pretrained(tmp / "vae")
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule_config(cfg.prediction), indent=2))
     spec = {
@@ -194,7 +217,7 @@ def train_unet(cfg: UNetConfig) -> Path:
     cache = out / "cache"
     if d.main:
         save_config(out, cfg)
-        if not (cache / "cache.safetensors").exists():
+        if not _cache_matches(cfg, cache):
             print("encoding latents and captions once ...")
             build_cache(cfg, cache)
     d.barrier()
@@ -208,6 +231,10 @@ def train_unet(cfg: UNetConfig) -> Path:
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     step = resume(out, unet, opt, ema, d, cfg.init)
+    # Compute spent so far (wall seconds of training, summed over sessions): the x axis of the
+    # alignment-vs-compute curve.
+    last = latest_checkpoint(out)
+    spent = json.loads((last / "state.json").read_text()).get("train_seconds", 0.0) if last else 0.0
     unet.to(d.device).train()
     net = DDP(_Net(unet)) if d.world > 1 else _Net(unet)
     log = Log(out, enabled=d.main)
@@ -219,6 +246,7 @@ def train_unet(cfg: UNetConfig) -> Path:
 
     bar = tqdm(total=cfg.steps, initial=step, desc="unet", disable=not d.main, dynamic_ncols=True)
     t0, seen = time.time(), 0
+    t_mark = t0
     B = cfg.batch_size
     while step < cfg.steps:
         idx = torch.randint(n, (B,), generator=gen)
@@ -238,19 +266,26 @@ def train_unet(cfg: UNetConfig) -> Path:
         step += 1
         seen += B * d.world
         bar.update(1)
+        now = time.time()
+        spent += now - t_mark
+        t_mark = now
         if step % cfg.log_every == 0:
             lm = d.mean(loss.item())
-            ips = seen / (time.time() - t0)
-            log.write(step, loss=lm, lr=opt.param_groups[0]["lr"], images_per_s=ips, world=d.world)
+            ips = seen / (now - t0)
+            log.write(step, loss=lm, lr=opt.param_groups[0]["lr"], images_per_s=ips, world=d.world, train_hours=spent / 3600)
             bar.set_postfix(loss=f"{lm:.4f}", ips=f"{ips:.0f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if d.main:
-                save_checkpoint(out, step, unet, ema, opt, {"config": "config.json"})
-                export_model(unet.config, ema, Path(cfg.vae), out / "model", cfg, {"steps": step})
+                info = {"steps": step, "train_hours": spent / 3600, "world": d.world, "device": str(d.device)}
+                save_checkpoint(out, step, unet, ema, opt, {"config": "config.json", "train_seconds": spent})
+                export_model(unet.config, ema, Path(cfg.vae), out / "model", cfg, info)
+                if step % cfg.snapshot_every == 0 or step == cfg.steps:
+                    export_model(unet.config, ema, Path(cfg.vae), out / "snapshots" / f"step-{step:07d}", cfg, info, torch.float16)
                 log.plot(("loss",))
             d.barrier()
         if d.main and (step % cfg.sample_every == 0 or step == cfg.steps):
             sample_grid(out / "model", out / f"samples-{step:07d}.png")
+        t_mark = time.time()  # checkpoints and sample grids are not training compute
     bar.close()
     shutdown_distributed()
     return out / "model"

@@ -1,0 +1,67 @@
+"""`dreamlab ship`: put a trained model and judge into the package as its defaults.
+
+The model folder (a snapshot or export of `dreamlab train unet`) and the judge (`dreamlab train judge`)
+are copied into ``src/dreamlab/weights/{default,judge}`` with every floating-point tensor stored in
+fp16 (the loaders compute in float32), and ``weights/SHA256SUMS`` lists every shipped file so a user
+can check what they run against the model card.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ..errors import ModelNotFoundError
+from ..loading.files import sha256_file
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+def _fp16_copy(src: Path, dest: Path) -> None:
+    """Copy a folder; safetensors files get their float tensors stored in fp16."""
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*", "*.bin", "*.pt", "*.ckpt"))
+    for f in tmp.rglob("*.safetensors"):
+        tensors = load_file(str(f))
+        save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}, str(f))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def ship(model: str | Path, judge: str | Path, dest: str | Path = WEIGHTS_DIR) -> Path:
+    model, judge, dest = Path(model).expanduser(), Path(judge).expanduser(), Path(dest).expanduser()
+    if not (model / "unet").is_dir() or not (model / "dreamlab.json").exists():
+        raise ModelNotFoundError(f"{model} is not a dreamlab model folder (unet/, vae/, scheduler/, dreamlab.json)")
+    if not (judge / "judge.safetensors").exists():
+        raise ModelNotFoundError(f"no judge at {judge}; train one with `dreamlab train judge`")
+    dest.mkdir(parents=True, exist_ok=True)
+    _fp16_copy(model, dest / "default")
+    (dest / "judge").mkdir(exist_ok=True)
+    judge_tmp = dest / ".tmp-judge"
+    _fp16_copy(judge, judge_tmp)
+    shutil.rmtree(dest / "judge")
+    judge_tmp.rename(dest / "judge")
+    for extra in ("log.jsonl", "loss.png"):  # training logs stay in the run folder
+        (dest / "judge" / extra).unlink(missing_ok=True)
+    files = sorted(p for p in dest.rglob("*") if p.is_file() and p.name != "SHA256SUMS" and not p.name.startswith("."))
+    sums = "".join(f"{sha256_file(p)}  {p.relative_to(dest).as_posix()}\n" for p in files)
+    (dest / "SHA256SUMS").write_text(sums)
+    total = sum(p.stat().st_size for p in files)
+    print(f"shipped {len(files)} files, {total / 2**20:.1f} MiB, to {dest}")
+    return dest
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("ship", help="install a trained model and judge as the package's defaults (fp16, with SHA256SUMS)")
+    p.add_argument("--model", required=True, help="model folder, e.g. RUN/snapshots/step-0006000")
+    p.add_argument("--judge", required=True, help="judge folder from `dreamlab train judge`")
+    p.add_argument("--dest", default=str(WEIGHTS_DIR), help="default: the package's weights folder")
+
+    def run(args) -> int:
+        ship(args.model, args.judge, args.dest)
+        return 0
+
+    p.set_defaults(func=run)
