@@ -80,3 +80,40 @@ def test_eval_of_a_run_without_snapshots_says_so(tmp_path, judge_dir, capsys):
 
     assert main(["eval", "--run", str(tmp_path), "--data", str(FIXTURE), "--judge", str(judge_dir)]) == 2
     assert "no snapshots" in capsys.readouterr().err
+
+
+def test_ship_installs_model_and_judge_in_fp16_with_checksums(tmp_path, tiny_dir, judge_dir):
+    from safetensors.torch import load_file
+
+    from dreamlab.cli import main
+    from dreamlab.eval.judge import load_judge
+    from dreamlab.loading.files import sha256_file
+    from dreamlab.loading.model import load_model
+
+    dest = tmp_path / "weights"
+    assert main(["ship", "--model", str(tiny_dir), "--judge", str(judge_dir), "--dest", str(dest)]) == 0
+    lines = (dest / "SHA256SUMS").read_text().splitlines()
+    listed = {rel: digest for digest, rel in (line.split("  ") for line in lines)}
+    on_disk = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
+    assert set(listed) == on_disk and all(sha256_file(dest / rel) == h for rel, h in listed.items())
+    assert "default/unet/diffusion_pytorch_model.safetensors" in listed and "judge/judge.safetensors" in listed
+    for f in (dest / "default").rglob("*.safetensors"):
+        assert {v.dtype for v in load_file(str(f)).values() if v.is_floating_point()} == {torch.float16}
+    # Loaded back in float32, the shipped model gives the source model's image up to fp16 rounding.
+    from dreamlab.generate import generate, make_request
+
+    req = make_request(prompt="red apple", seed=0, steps=3)
+    a, b = generate(load_model(tiny_dir), req).pixels, generate(load_model(dest / "default"), req).pixels
+    assert (a - b).abs().max() < 0.05
+    judge, bases, _ = load_judge(dest / "judge")
+    assert next(judge.parameters()).dtype == torch.float32 and len(bases) > 0
+    # Shipping again replaces, never mixes, the previous weights.
+    assert main(["ship", "--model", str(tiny_dir), "--judge", str(judge_dir), "--dest", str(dest)]) == 0
+    assert (dest / "SHA256SUMS").read_text().splitlines() == lines
+
+
+def test_ship_refuses_a_folder_that_is_not_a_model(tmp_path, judge_dir, capsys):
+    from dreamlab.cli import main
+
+    assert main(["ship", "--model", str(tmp_path), "--judge", str(judge_dir), "--dest", str(tmp_path / "w")]) == 2
+    assert "not a dreamlab model folder" in capsys.readouterr().err
