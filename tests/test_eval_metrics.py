@@ -50,7 +50,7 @@ def test_judge_trains_and_round_trips(judge_dir):
     assert feats.shape == (3, 256) and logits.shape == (3, len(bases)) and len(labels) == len(bases)
 
 
-def test_eval_of_a_model_and_of_every_snapshot_of_a_run(tmp_path, tiny_dir, judge_dir, capsys):
+def test_eval_of_a_model_and_of_every_snapshot_of_a_run(tmp_path, tiny_dir, judge_dir, capsys, monkeypatch):
     import json
     import shutil
 
@@ -73,6 +73,23 @@ def test_eval_of_a_model_and_of_every_snapshot_of_a_run(tmp_path, tiny_dir, judg
     assert [(p["steps"], p["train_hours"]) for p in curve] == [(100, 0.5), (200, 1.25)]
     assert curve[0]["ceiling_top5"] == curve[1]["ceiling_top5"] == result["real_held_out"]["top5"]
     assert (run / "curve.png").stat().st_size > 0
+
+    # Run again after a new snapshot: only the new one is scored; the others come from curve.json.
+    from dreamlab.eval import evaluate as ev_mod
+
+    scored = []
+    real_score = ev_mod._Evaluator.score
+    monkeypatch.setattr(ev_mod._Evaluator, "score", lambda self, snap: scored.append(snap.name) or real_score(self, snap))
+    snap = shutil.copytree(tiny_dir, run / "snapshots" / "step-0000300")
+    spec = json.loads((snap / "dreamlab.json").read_text())
+    (snap / "dreamlab.json").write_text(json.dumps({**spec, "training": {"steps": 300, "train_hours": 2.0}}))
+    assert main(["eval", "--run", str(run), *common]) == 0
+    assert scored == ["step-0000300"]
+    assert [p["steps"] for p in json.loads((run / "curve.json").read_text())] == [100, 200, 300]
+    # Different settings measure differently: everything is scored again.
+    scored.clear()
+    assert main(["eval", "--run", str(run), *common[:-1], "3"]) == 0
+    assert len(scored) == 3
 
 
 def test_eval_of_a_run_without_snapshots_says_so(tmp_path, judge_dir, capsys):

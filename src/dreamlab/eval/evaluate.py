@@ -21,6 +21,7 @@ from ..data.captions import canonical_caption
 from ..data.dataset import EmojiDataset
 from ..data.emoji import DEFAULT_DATA_DIR
 from ..errors import ModelNotFoundError
+from ..loading.files import sha256_file
 from .judge import judge_outputs, load_judge
 from .metrics import fid, kid, topk_accuracy
 
@@ -134,15 +135,34 @@ def evaluate_run(cfg: EvalConfig, run: str | Path) -> list[dict]:
     snaps = sorted(p for p in (run / "snapshots").glob("step-*") if (p / "dreamlab.json").exists())
     if not snaps:
         raise ModelNotFoundError(f"no snapshots in {run / 'snapshots'}; `dreamlab train unet` writes them every --snapshot-every steps")
-    ev = _Evaluator(cfg)
+    # Scores already in curve.json are kept when they were measured the same way (same settings, same
+    # judge), so the curve can be redrawn as training goes on at the cost of the new snapshots only.
+    key = {**_settings(cfg), "judge_sha256": sha256_file(Path(cfg.judge).expanduser() / "judge.safetensors")}
+    curve_file = run / "curve.json"
+    try:
+        old = json.loads(curve_file.read_text()) if curve_file.exists() else []
+    except json.JSONDecodeError:
+        old = []
+    known = {p["snapshot"]: p for p in old if isinstance(p, dict) and p.get("measured_with") == key}
+    ev = None
     points = []
     for snap in snaps:
+        if snap.name in known:
+            points.append(known[snap.name])
+            continue
+        ev = ev or _Evaluator(cfg)
         result = ev.score(snap)
-        points.append({"snapshot": snap.name, **result["training"], **result["model"], "ceiling_top5": ev.ceiling["top5"]})
-        print(json.dumps(points[-1]))
-    (run / "curve.json").write_text(json.dumps(points, indent=2))
+        points.append({"snapshot": snap.name, **result["training"], **result["model"],
+                       "ceiling_top5": ev.ceiling["top5"], "ceiling_top1": ev.ceiling["top1"], "measured_with": key})
+        print(json.dumps({k: v for k, v in points[-1].items() if k != "measured_with"}))
+        curve_file.write_text(json.dumps(points, indent=2))  # progress survives an interrupted run
+    curve_file.write_text(json.dumps(points, indent=2))
     plot_curve(points, run / "curve.png")
     return points
+
+
+def _settings(cfg: EvalConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("prompts", "per_prompt", "steps", "sampler", "cfg_scale", "seed")}
 
 
 def plot_curve(points: list[dict], dest: Path) -> None:
