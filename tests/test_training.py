@@ -46,11 +46,15 @@ def test_vae_training_resumes_after_a_kill(tmp_path):
     shutil.copytree(out / "checkpoints" / "step-0000002", out / "checkpoints" / ".tmp-step-0000003")
     (out / "checkpoints" / ".tmp-step-0000003" / "state.json").unlink()
     before = (out / "checkpoints" / "step-0000002" / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
+    # ... and the steps it logged after its last checkpoint are trained again, so must be logged once.
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "rec": 99.0, "time": 0.0}) + "\n")
     train_vae(VAEConfig(data=str(FIXTURE), out=str(out), steps=3, **TINY_VAE))
     state = json.loads((latest_checkpoint(out) / "state.json").read_text())
     assert state["step"] == 3
     steps = [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines() if '"rec"' in l]
-    assert steps == [1, 2, 3]  # resumed at 3, not restarted at 1
+    assert steps == [1, 2, 3]  # resumed at 3, not restarted at 1, and the lost step 3 dropped
+    assert all(json.loads(l).get("rec") != 99.0 for l in (out / "log.jsonl").read_text().splitlines())
     assert before != (latest_checkpoint(out) / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 

@@ -127,6 +127,7 @@ def train_judge(cfg: JudgeConfig) -> Path:
     g = torch.Generator().manual_seed(cfg.seed)
     log = Log(out)
     step = 0
+    log.rewind(step)  # the judge always trains from scratch
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(len(x_train), generator=g)

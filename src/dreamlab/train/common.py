@@ -212,6 +212,16 @@ class Log:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
+    def rewind(self, step: int) -> None:
+        """Drop records after ``step``: a killed run resumes from its last checkpoint, and the steps it
+        logged past that checkpoint are trained again, so they must not appear twice in the curves."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        tmp = self.path.with_name(f".tmp-{self.path.name}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
     def records(self) -> Iterator[dict[str, Any]]:
         if self.path.exists():
             for line in self.path.read_text().splitlines():

@@ -238,6 +238,7 @@ def train_unet(cfg: UNetConfig) -> Path:
     unet.to(d.device).train()
     net = DDP(_Net(unet)) if d.world > 1 else _Net(unet)
     log = Log(out, enabled=d.main)
+    log.rewind(step)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank * 7919 + step)
     if d.main:
         print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {n} training images")

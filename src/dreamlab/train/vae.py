@@ -164,6 +164,7 @@ def train_vae(cfg: VAEConfig) -> Path:
     vae.to(d.device).train()
     model = DDP(_Autoencode(vae)) if d.world > 1 else _Autoencode(vae)
     log = Log(out, enabled=d.main)
+    log.rewind(step)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank * 7919 + step)
 
     from tqdm import tqdm
