@@ -58,16 +58,20 @@ def test_vae_training_resumes_after_a_kill(tmp_path):
     assert before != (latest_checkpoint(out) / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
-@pytest.mark.slow
-def test_unet_training_with_two_processes_on_gloo(tmp_path):
+def _tiny_vae(vae_dir: Path) -> Path:
     from diffusers import AutoencoderKL
 
-    vae_dir = tmp_path / "vae"
     vae = AutoencoderKL(in_channels=4, out_channels=4, latent_channels=4, block_out_channels=(8, 16, 16),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=64)
     vae.register_to_config(scaling_factor=1.0)
     vae.save_pretrained(vae_dir)
+    return vae_dir
+
+
+@pytest.mark.slow
+def test_unet_training_with_two_processes_on_gloo(tmp_path):
+    vae_dir = _tiny_vae(tmp_path / "vae")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -110,3 +114,22 @@ def test_training_starts_from_committed_weights_when_checkpoints_are_lost(tmp_pa
     start = AutoencoderKL.from_pretrained(first / "vae").state_dict()
     after = AutoencoderKL.from_pretrained(latest_checkpoint(second) / "model").state_dict()
     assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)
+
+
+def test_unet_training_continues_from_an_exported_model_when_checkpoints_are_lost(tmp_path):
+    """The shipped default model is the fallback resume point: --init MODEL continues its count."""
+    from dreamlab.errors import DreamlabError
+    from dreamlab.train.unet import UNetConfig, train_unet
+
+    tiny = dict(data=str(FIXTURE), vae=str(_tiny_vae(tmp_path / "vae")), batch_size=2, block_out_channels=(32, 32),
+                captions_per_image=1, log_every=1, ckpt_every=1, sample_every=1000, device="cpu")
+    first = tmp_path / "first"
+    model = train_unet(UNetConfig(out=str(first), steps=2, **tiny))
+    hours = json.loads((model / "dreamlab.json").read_text())["training"]["train_hours"]
+    second = tmp_path / "second"  # a new machine: no checkpoints, only the exported model folder
+    with pytest.raises(DreamlabError, match="larger than 2"):
+        train_unet(UNetConfig(out=str(second), steps=2, init=str(model), **tiny))
+    model2 = train_unet(UNetConfig(out=str(second), steps=3, init=str(model), **tiny))
+    assert [json.loads(l)["step"] for l in (second / "log.jsonl").read_text().splitlines()] == [3]
+    training = json.loads((model2 / "dreamlab.json").read_text())["training"]
+    assert training["steps"] == 3 and training["train_hours"] > hours

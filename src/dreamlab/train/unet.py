@@ -25,6 +25,7 @@ from ..core.prediction import Prediction
 from ..core.schedules import DiscreteSchedule
 from ..data.captions import caption
 from ..data.dataset import EmojiDataset
+from ..errors import DreamlabError, ModelNotFoundError
 from ..images import grid
 from .common import (
     EMA,
@@ -66,7 +67,7 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (64, 128, 192)
     layers_per_block: int = 1
     attention_head_dim: int = 8
-    init: str | None = None  # weights to start from when --out has no checkpoint (diffusers folder)
+    init: str | None = None  # when --out has no checkpoint: a unet or model folder to start from (a model folder continues its step count)
     ema_decay: float = 0.999  # a ~1,000-step window: runs here are thousands of steps, not hundreds of thousands
     ckpt_every: int = 200
     snapshot_every: int = 1000  # fp16 EMA model folders kept for the alignment-vs-compute curve
@@ -211,6 +212,21 @@ def export_model(
     return dest
 
 
+def init_source(init: str | None) -> tuple[str | None, dict]:
+    """What ``--init`` names: a ``unet`` folder, or a whole model folder (a snapshot, an export, the
+    shipped default). Returns the unet folder and, for a dreamlab model folder, its recorded training
+    (steps and hours) so that training continues the count."""
+    if not init:
+        return None, {}
+    path = Path(init).expanduser()
+    unet_dir = path / "unet" if (path / "unet").is_dir() else path
+    if not (unet_dir / "config.json").exists():
+        raise ModelNotFoundError(f"--init {init}: no UNet weights there (expected a unet folder or a model folder with unet/)")
+    spec = unet_dir.parent / "dreamlab.json"
+    training = json.loads(spec.read_text()).get("training", {}) if spec.exists() else {}
+    return str(unet_dir), training
+
+
 def train_unet(cfg: UNetConfig) -> Path:
     d: Dist = init_distributed(cfg.device)
     out = Path(cfg.out).expanduser()
@@ -230,11 +246,21 @@ def train_unet(cfg: UNetConfig) -> Path:
     unet = build_unet(cfg)
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    step = resume(out, unet, opt, ema, d, cfg.init)
+    init_dir, init_training = init_source(cfg.init)
+    step = resume(out, unet, opt, ema, d, init_dir)
     # Compute spent so far (wall seconds of training, summed over sessions): the x axis of the
     # alignment-vs-compute curve.
     last = latest_checkpoint(out)
     spent = json.loads((last / "state.json").read_text()).get("train_seconds", 0.0) if last else 0.0
+    if last is None and init_training:
+        # Continuing from exported weights (the shipped default model when the checkpoints are lost):
+        # the step count and the compute carry on, so the schedule and the curve stay one run.
+        step, spent = int(init_training.get("steps", 0)), float(init_training.get("train_hours", 0.0)) * 3600
+        if step >= cfg.steps:
+            raise DreamlabError(f"the weights in --init {cfg.init} were trained for {step} steps and --steps is the total "
+                                f"schedule length: pass --steps larger than {step} to train further")
+        if d.main:
+            print(f"continuing the step count at {step} ({spent / 3600:.2f} training hours so far)")
     unet.to(d.device).train()
     net = DDP(_Net(unet)) if d.world > 1 else _Net(unet)
     log = Log(out, enabled=d.main)
