@@ -140,7 +140,8 @@ def test_generate_queues_in_the_job_store_and_streams_progress(tiny, tmp_path, n
         events = call(client, ["red apple", "blurry", "euler", "karras", 6, 4, 3, 2, 16, 16, None, 0.75, None, 1.0])
         assert events[-1][0] == "complete"
         status = [e[0] for _, e in events]
-        steps = [int(m[1]) for s in status if (m := re.search(r'<progress value="(\d)" max="6">.*step \1 / 6', s))]
+        # progress runs over the whole batch: 2 images x 6 steps
+        steps = [int(m[1]) for s in status if (m := re.search(r'<progress value="(\d+)" max="12">.*step \1 / 12', s))]
         assert steps and steps == sorted(steps), status
         assert any(isinstance(e[1], dict) and e[1].get("path", "").endswith(".png") for _, e in events[:-1]), "no preview"
         final = events[-1][1]

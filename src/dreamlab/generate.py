@@ -9,7 +9,7 @@ import inspect
 import io
 import platform
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,10 +192,35 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
 
 
 def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCallback | None = None) -> Result:
+    """Images for ``request``; image i of a batch is bit-identical to generating it alone with seed + i.
+
+    The images of a batch are computed one at a time. Batched forwards are not bit-identical to single
+    ones on every CPU (oneDNN and BLAS pick their blocking by batch size; seen on an AMD EPYC machine
+    where an Intel one had agreed), and `dreamlab replay` must reproduce any image of a batch from its
+    own manifest. Batching across requests for throughput is the server's business, not this one's.
+    """
     req = request
+    check_request(model, req)
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+    if req.batch == 1:
+        return _generate_one(model, req, seed, on_step)
+    parts = []
+    for i in range(req.batch):
+        step_cb = None
+        if on_step is not None:
+            def step_cb(info, i=i):  # one progress bar over the whole batch
+                on_step(replace(info, i=i * info.total + info.i, total=req.batch * info.total))
+        parts.append(_generate_one(model, req.model_copy(update={"batch": 1, "seed": seed + i}), seed + i, step_cb))
+    manifests = []
+    for i, part in enumerate(parts):
+        manifests.append({**part.manifests[0], "batch_index": i})
+    return Result(images=[im for p in parts for im in p.images], manifests=manifests,
+                  latents=torch.cat([p.latents for p in parts]), pixels=torch.cat([p.pixels for p in parts]))
+
+
+def _generate_one(model: ModelBundle, req: GenerationRequest, seed: int, on_step: StepCallback | None) -> Result:
     width, height = check_request(model, req)
     f = model.space.factor
-    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     options = _sampler_options(req)
     sampler = get_sampler(req.sampler)
 
