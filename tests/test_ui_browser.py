@@ -161,7 +161,7 @@ def test_generate_in_the_browser_and_find_it_in_the_gallery(live, browser, tmp_p
     status = generate(page)
     assert status == "done: 2 images, seed 42, 43", status
     seen = page.evaluate("window.__status")
-    assert any(s.startswith("step ") and s.endswith(" / 8") for s in seen), seen
+    assert any(s.startswith("step ") and s.endswith(" / 16") for s in seen), seen  # 8 steps x 2 images
     assert page.evaluate("window.__previews"), "no preview was shown"
     page.wait_for_function("document.querySelectorAll('#results .grid-container .thumbnail-item img').length === 2")
     page.wait_for_function("document.querySelectorAll('#gallery .grid-container .thumbnail-item img').length === 2")
@@ -194,7 +194,7 @@ def test_generate_in_the_browser_and_find_it_in_the_gallery(live, browser, tmp_p
     set_number(page, "steps", 100)  # cancel a running job
     watch_progress(page)
     page.click("#generate")
-    page.wait_for_function("window.__status.some(s => /^step \\d+ \\/ 100$/.test(s))")
+    page.wait_for_function("window.__status.some(s => /^step \\d+ \\/ 200$/.test(s))")  # 100 steps x 2 images
     page.click("#cancel")
     page.wait_for_function("document.querySelector('#progress').textContent.trim() === 'cancelled'")
     assert httpx.get(f"{url}/api/jobs").json()["items"][0]["state"] == "cancelled"
