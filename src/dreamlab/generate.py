@@ -194,62 +194,57 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
 def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCallback | None = None) -> Result:
     """Images for ``request``; image i of a batch is bit-identical to generating it alone with seed + i.
 
-    The images of a batch are computed one at a time. Batched forwards are not bit-identical to single
-    ones on every CPU (oneDNN and BLAS pick their blocking by batch size; seen on an AMD EPYC machine
-    where an Intel one had agreed), and `dreamlab replay` must reproduce any image of a batch from its
-    own manifest. Batching across requests for throughput is the server's business, not this one's.
+    The prompt encodings and input latents are computed once; then each image of the batch gets its own
+    batch-1 sampler run and decode. Batched forwards are not bit-identical to single ones on every CPU
+    (oneDNN and BLAS pick their blocking by batch size; seen on an AMD EPYC machine where an Intel one had
+    agreed), and `dreamlab replay` must reproduce any image of a batch from its own manifest. Progress
+    runs over the whole batch (steps x images).
     """
     req = request
-    check_request(model, req)
-    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    if req.batch == 1:
-        return _generate_one(model, req, seed, on_step)
-    parts = []
-    for i in range(req.batch):
-        step_cb = None
-        if on_step is not None:
-            def step_cb(info, i=i):  # one progress bar over the whole batch
-                on_step(replace(info, i=i * info.total + info.i, total=req.batch * info.total))
-        parts.append(_generate_one(model, req.model_copy(update={"batch": 1, "seed": seed + i}), seed + i, step_cb))
-    manifests = []
-    for i, part in enumerate(parts):
-        manifests.append({**part.manifests[0], "batch_index": i})
-    return Result(images=[im for p in parts for im in p.images], manifests=manifests,
-                  latents=torch.cat([p.latents for p in parts]), pixels=torch.cat([p.pixels for p in parts]))
-
-
-def _generate_one(model: ModelBundle, req: GenerationRequest, seed: int, on_step: StepCallback | None) -> Result:
     width, height = check_request(model, req)
     f = model.space.factor
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     options = _sampler_options(req)
     sampler = get_sampler(req.sampler)
 
     sigmas = model.schedule.sigmas_for(req.steps, req.schedule)
     shape = (model.space.channels, height // f, width // f)
-    noise = NoiseSource.for_batch(seed, req.batch, shape, device=model.device)
     source, mask = _load_inputs(req, model, width, height)
+    if source is not None:
+        # SDEdit (Meng et al. 2021): noise the source to a level part-way down the schedule, denoise from there
+        sigmas = truncate(sigmas, req.strength)
 
     with torch.inference_mode():
-        cond = model.encode_prompts([req.prompt] * req.batch)
-        denoise = model.denoiser()
-        if cond is not None and req.cfg_scale != 1.0:
-            uncond = model.encode_prompts([req.negative_prompt] * req.batch)
-            denoise = classifier_free(denoise, uncond, req.cfg_scale, rescale=req.guidance_rescale)
-        if req.dynamic_threshold is not None:
-            denoise = dynamic_threshold(denoise, req.dynamic_threshold)
-        z = noise.initial()
-        if source is None:
-            x = z * prior_std(float(sigmas[0]))
-        else:
-            known = model.space.encode(source.to(model.device)).expand(req.batch, -1, -1, -1)
-            if mask is not None:
-                small = torch.nn.functional.interpolate(mask, size=shape[1:], mode="area").to(model.device)
-                denoise = inpaint(denoise, known, (small > 0.01).float(), z)
-            # SDEdit (Meng et al. 2021): noise the source to a level part-way down the schedule, denoise from there
-            sigmas = truncate(sigmas, req.strength)
-            x = known + z * float(sigmas[0])
-        state = sampler(denoise, x, sigmas, cond=cond, noise=noise, on_step=on_step, **options) if len(sigmas) > 1 else x
-        images = model.space.decode(state)
+        cond = model.encode_prompts([req.prompt])
+        guided = cond is not None and req.cfg_scale != 1.0
+        uncond = model.encode_prompts([req.negative_prompt]) if guided else None
+        known = model.space.encode(source.to(model.device)) if source is not None else None
+        keep = None
+        if mask is not None:
+            small = torch.nn.functional.interpolate(mask, size=shape[1:], mode="area").to(model.device)
+            keep = (small > 0.01).float()
+        states = []
+        for i in range(req.batch):
+            noise = NoiseSource.for_batch(seed + i, 1, shape, device=model.device)
+            denoise = model.denoiser()
+            if guided:
+                denoise = classifier_free(denoise, uncond, req.cfg_scale, rescale=req.guidance_rescale)
+            if req.dynamic_threshold is not None:
+                denoise = dynamic_threshold(denoise, req.dynamic_threshold)
+            z = noise.initial()
+            if known is None:
+                x = z * prior_std(float(sigmas[0]))
+            else:
+                if keep is not None:
+                    denoise = inpaint(denoise, known, keep, z)
+                x = known + z * float(sigmas[0])
+            step_cb = None
+            if on_step is not None:
+                def step_cb(info, i=i):  # one progress bar over the whole batch
+                    on_step(replace(info, i=i * info.total + info.i, total=req.batch * info.total))
+            states.append(sampler(denoise, x, sigmas, cond=cond, noise=noise, on_step=step_cb, **options) if len(sigmas) > 1 else x)
+        state = torch.cat(states)
+        images = torch.cat([model.space.decode(s) for s in states])
         if mask is not None:  # keep the known pixels exactly, not only their latents
             m = mask.to(images.device)
             images = images * m + source.to(images.device) * (1 - m)
