@@ -52,6 +52,7 @@ def test_shipped_judge_recognises_real_held_out_style_images():
     """The judge behind `dreamlab eval` knows real emoji: top-5 on the committed fixture images."""
     from dreamlab.data.dataset import EmojiDataset
     from dreamlab.eval.judge import judge_outputs, load_judge
+    from dreamlab.eval.metrics import topk_accuracy
 
     judge, bases, _ = load_judge(WEIGHTS / "judge")
     pos = {b: i for i, b in enumerate(bases)}
@@ -61,5 +62,5 @@ def test_shipped_judge_recognises_real_held_out_style_images():
     x = torch.from_numpy(np.asarray(ds.images[idx])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
     _, logits = judge_outputs(judge, x)
     y = torch.tensor([pos[r["base"]] for r in recs])
-    top5 = (logits.topk(5, dim=1).indices == y[:, None]).any(1).float().mean().item()
+    top5 = topk_accuracy(logits, y)[5]
     assert len(recs) >= 20 and top5 > 0.5, f"shipped judge top-5 on fixture images: {top5:.2f}"
