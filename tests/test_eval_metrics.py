@@ -92,6 +92,36 @@ def test_eval_of_a_model_and_of_every_snapshot_of_a_run(tmp_path, tiny_dir, judg
     assert len(scored) == 3
 
 
+def test_eval_of_cascades_counts_both_stages_compute(tmp_path, judge_dir):
+    """A 32x32 base alone, the base with an SR stage, and a cascade folder: all judged at 64x64, with
+    the compute of every stage counted (the base-vs-cascade comparison of docs/training.md)."""
+    import json
+    import shutil
+
+    from dreamlab.cli import main
+    from dreamlab.models.tiny import make_tiny_cascade
+
+    cascade = make_tiny_cascade(tmp_path / "cascade")
+    for stage, hours in (("base", 0.5), ("sr", 0.25)):
+        spec = json.loads((cascade / stage / "dreamlab.json").read_text())
+        (cascade / stage / "dreamlab.json").write_text(json.dumps({**spec, "training": {"steps": 10, "train_hours": hours}}))
+    common = ["--data", str(FIXTURE), "--judge", str(judge_dir), "--prompts", "2", "--per-prompt", "1", "--steps", "2"]
+    assert main(["eval", "--model", str(cascade), "--json", str(tmp_path / "c.json"), *common]) == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["training"]["train_hours"] == 0.75 and result["training"]["super_resolution"]["train_hours"] == 0.25
+    assert result["n_generated"] == 2
+
+    run = tmp_path / "run"
+    shutil.copytree(cascade / "base", run / "snapshots" / "step-0000010")
+    assert main(["eval", "--run", str(run), "--upscaler", str(cascade / "sr"), *common]) == 0
+    assert main(["eval", "--run", str(run), *common]) == 0  # the base alone, enlarged bicubically
+    with_sr = json.loads((run / "curve-cascade.json").read_text())
+    alone = json.loads((run / "curve.json").read_text())
+    assert with_sr[0]["train_hours"] == 0.75 and alone[0]["train_hours"] == 0.5
+    assert (run / "curve-cascade.png").exists() and (run / "curve.png").exists()
+    assert main(["eval", "--model", str(cascade / "base"), "--upscaler", str(cascade / "base"), *common]) == 2
+
+
 def test_eval_of_a_run_without_snapshots_says_so(tmp_path, judge_dir, capsys):
     from dreamlab.cli import main
 

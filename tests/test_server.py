@@ -375,3 +375,23 @@ def test_serve_command_errors_are_one_line(tiny, tiny_dir, tmp_path, capsys):
         assert main(["serve", "--model", str(tiny_dir), "--data", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: another dreamlab server is using") and "\n" not in err
+
+
+def test_super_resolution_jobs_record_their_input_and_respect_the_size_limit(tmp_path):
+    from dreamlab.models.tiny import make_tiny_model
+
+    sr = load_model(make_tiny_model(tmp_path / "sr", sample_size=16, sr_from=8))
+    low = encode_image(source_image(8))
+    with TestClient(create_app(sr, tmp_path / "data", ui=False, limits=Limits(max_side=32))) as client:
+        job = wait(client, client.post("/api/jobs", json={"prompt": "x", "steps": 2, "seed": 1, "lowres_image": low}).json()["id"])
+        assert job["state"] == "done", job
+        assert (job["images"][0]["width"], job["images"][0]["height"]) == (16, 16)
+        expected = generate(sr, make_request(prompt="x", steps=2, seed=1, lowres_image=low))
+        assert np.array_equal(png_array(client.get(job["images"][0]["url"]).content), np.asarray(expected.images[0]))
+        recorded = job["request"]["lowres_image"]
+        assert recorded == "sha256:" + hashlib.sha256(base64.b64decode(low)).hexdigest()
+        assert client.get(f"/api/inputs/{recorded.removeprefix('sha256:')}").status_code == 200
+        big = client.post("/api/jobs", json={"prompt": "x", "steps": 2, "lowres_image": encode_image(source_image(24))})
+        assert big.status_code == 422 and "the output would be 48, at most 32" in big.json()["detail"]
+        missing = client.post("/api/jobs", json={"prompt": "x", "steps": 2})
+        assert missing.status_code == 422 and "lowres_image" in missing.json()["detail"]

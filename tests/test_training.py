@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dreamlab.models.tiny import make_tiny_vae
 from dreamlab.train.common import EMA, latest_checkpoint, lr_at
 from dreamlab.train.vae import VAEConfig, train_vae
 
@@ -58,20 +59,9 @@ def test_vae_training_resumes_after_a_kill(tmp_path):
     assert before != (latest_checkpoint(out) / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
-def _tiny_vae(vae_dir: Path) -> Path:
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(in_channels=4, out_channels=4, latent_channels=4, block_out_channels=(8, 16, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=8, sample_size=64)
-    vae.register_to_config(scaling_factor=1.0)
-    vae.save_pretrained(vae_dir)
-    return vae_dir
-
-
 @pytest.mark.slow
 def test_unet_training_with_two_processes_on_gloo(tmp_path):
-    vae_dir = _tiny_vae(tmp_path / "vae")
+    vae_dir = make_tiny_vae(tmp_path / "vae")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -121,7 +111,7 @@ def test_unet_training_continues_from_an_exported_model_when_checkpoints_are_los
     from dreamlab.errors import DreamlabError
     from dreamlab.train.unet import UNetConfig, train_unet
 
-    tiny = dict(data=str(FIXTURE), vae=str(_tiny_vae(tmp_path / "vae")), batch_size=2, block_out_channels=(32, 32),
+    tiny = dict(data=str(FIXTURE), vae=str(make_tiny_vae(tmp_path / "vae")), batch_size=2, block_out_channels=(32, 32),
                 captions_per_image=1, log_every=1, ckpt_every=1, sample_every=1000, device="cpu")
     first = tmp_path / "first"
     model = train_unet(UNetConfig(out=str(first), steps=2, **tiny))

@@ -19,7 +19,7 @@ def _output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def cmd_generate(args: argparse.Namespace, model=None) -> int:
     import torch
 
     from .generate import encode_image, generate, make_request
@@ -43,11 +43,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "strength": args.strength,
         "init_image": encode_image(args.init_image) if args.init_image else None,
         "mask_image": encode_image(args.mask) if args.mask else None,
+        "lowres_image": encode_image(args.lowres_image) if getattr(args, "lowres_image", None) else None,
+        "noise_level": getattr(args, "noise_level", None),
     }
     request = make_request(**{k: v for k, v in fields.items() if v is not None})
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    model = model or load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
 
     progress = None
     if not args.quiet:
@@ -64,6 +66,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for image, manifest, path in zip(result.images, result.manifests, _output_paths(Path(args.output), request.batch)):
         save_png(image, path, manifest)
         print(f"{path}  seed {manifest['seed']}")
+    return 0
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    """`dreamlab upscale IMAGE --model SR`: generate with the image as a super-resolution model's input."""
+    from .loading.model import load_model
+
+    model = load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    if model.upscaler is not None:  # a cascade: enlarge with its second stage
+        args.model = model.upscaler.source
+    elif model.sr is None:
+        raise DreamlabError(f"{args.model} is not a super-resolution model or a cascade; train one with "
+                            "`dreamlab train unet --sr-from SIZE`")
+    return cmd_generate(args, model=model.upscaler or model)
+
+
+def cmd_cascade(args: argparse.Namespace) -> int:
+    from .train.ship import assemble_cascade
+
+    out = assemble_cascade(args.base, args.sr, args.output, name=args.name)
+    print(f"cascade: {out}")
     return 0
 
 
@@ -133,7 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _config(EvalConfig, args)
     if cfg.run:
         points = evaluate_run(cfg, cfg.run)
-        print(f"{len(points)} snapshots scored; curve written to {Path(cfg.run).expanduser() / 'curve.png'}")
+        name = "curve-cascade.png" if cfg.upscaler else "curve.png"
+        print(f"{len(points)} snapshots scored; curve written to {Path(cfg.run).expanduser() / name}")
         return 0
     result = evaluate(cfg)
     print(format_table(result))
@@ -188,12 +212,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-image", help="img2img / inpainting source image file")
     g.add_argument("--strength", type=float, help="img2img: share of the schedule re-run, 0..1 (default 0.75)")
     g.add_argument("--mask", help="inpainting mask image file: white = repaint")
+    g.add_argument("--lowres-image", help="super-resolution models: the image file to enlarge (see `dreamlab upscale`)")
+    g.add_argument("--noise-level", type=int, help="super-resolution: noise added to the low-res input, a timestep 0..999")
     g.add_argument("--model", help="model folder (diffusers format); default: the installed default model")
     g.add_argument("--device", default="cpu")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
     g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("upscale", help="enlarge an image with a super-resolution model (a cascade's second stage)")
+    u.add_argument("lowres_image", metavar="IMAGE")
+    u.add_argument("--model", required=True, help="a super-resolution model folder, or a cascade folder (its SR stage is used)")
+    u.add_argument("-p", "--prompt", default="", help="what the image shows (SR stages are text-conditional)")
+    u.add_argument("-o", "--output", default="upscaled.png")
+    u.add_argument("-n", "--negative", help="negative prompt")
+    for flag, kind, text in (("--seed", int, None), ("--steps", int, None), ("--sampler", str, None),
+                             ("--schedule", str, None), ("--cfg", float, "classifier-free guidance scale"),
+                             ("--width", int, "output width (default: the input's times the model's factor)"),
+                             ("--height", int, None), ("--batch", int, None),
+                             ("--noise-level", int, "noise added to the input, a timestep 0..999 (default: the model's)"),
+                             ("--threads", int, None)):
+        u.add_argument(flag, type=kind, help=text)
+    u.add_argument("--device", default="cpu")
+    u.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
+    u.add_argument("-q", "--quiet", action="store_true")
+    u.set_defaults(func=cmd_upscale, rescale=None, eta=None, dynamic_threshold=None, init_image=None, strength=None, mask=None)
+
+    ca = sub.add_parser("cascade", help="assemble a cascade folder from a base model and a super-resolution stage")
+    ca.add_argument("base", help="text-to-image model folder (e.g. trained with --resolution 32)")
+    ca.add_argument("sr", help="super-resolution model folder (trained with --sr-from)")
+    ca.add_argument("-o", "--output", required=True, help="the new cascade folder")
+    ca.add_argument("--name", help="model name recorded in manifests (default: the folder's name)")
+    ca.set_defaults(func=cmd_cascade)
 
     gr = sub.add_parser("grid", help="one image per prompt, in a labelled contact sheet")
     gr.add_argument("prompts", nargs="+")

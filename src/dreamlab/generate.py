@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import inspect
 import io
+import math
 import platform
 import secrets
 from dataclasses import dataclass, field, replace
@@ -20,13 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import __version__
 from .core.guidance import classifier_free, dynamic_threshold
-from .core.noise import MAX_SEED, NoiseSource
+from .core.noise import MAX_SEED, NoiseSource, stream_seed
+from .core.objectives import q_sample
 from .core.samplers import SAMPLERS, get_sampler, prior_std
 from .control.inpaint import inpaint
 from .core.schedules import Spacing, truncate
-from .core.types import StepCallback
+from .core.types import Cond, StepCallback
 from .errors import InvalidRequestError
-from .images import to_pil
+from .images import resize, to_pil
 from .models.bundle import ModelBundle
 
 MAX_BATCH = 16
@@ -60,6 +62,12 @@ class GenerationRequest(BaseModel):
     strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img: share of the schedule re-run (SDEdit)")
     mask_image: str | None = Field(
         None, max_length=MAX_IMAGE_B64_CHARS, description="inpainting mask, base64 image: white = repaint"
+    )
+    lowres_image: str | None = Field(
+        None, max_length=MAX_IMAGE_B64_CHARS, description="super-resolution models: the image to enlarge, base64"
+    )
+    noise_level: int | None = Field(
+        None, ge=0, le=999, description="super-resolution: noise added to the low-res input (a timestep); None = the model's"
     )
 
     @field_validator("sampler")
@@ -107,6 +115,15 @@ def image_bytes(b64: str, what: str) -> bytes:
 
 def decode_image(b64: str, what: str) -> Image.Image:
     return open_image(image_bytes(b64, what), what)
+
+
+def decode_image_size(b64: str, what: str) -> tuple[int, int]:
+    """(width, height) of a base64 image from its header, without decoding its pixels."""
+    try:
+        with Image.open(io.BytesIO(image_bytes(b64, what))) as image:
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRequestError(f"{what} is not a readable image ({e})") from None
 
 
 def image_sha256(b64: str, what: str = "image") -> str:
@@ -168,27 +185,128 @@ def _load_inputs(req: GenerationRequest, model: ModelBundle, width: int, height:
     return source, mask
 
 
+INPUT_IMAGES = ("init_image", "mask_image", "lowres_image")  # request fields that carry an image
+
+
 def _recorded(request: dict[str, Any]) -> dict[str, Any]:
     """The request as a manifest records it: input images by the sha256 of their bytes, not inline."""
-    for key in ("init_image", "mask_image"):
+    for key in INPUT_IMAGES:
         if request.get(key):
             request[key] = image_sha256(request[key], key)
     return request
 
 
+def _upscale(model: ModelBundle) -> int:
+    """How much a cascade's SR stage enlarges its base model's images (1 for other models)."""
+    return model.upscaler.sample_size // model.sample_size if model.upscaler is not None else 1
+
+
 def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]:
     """What a valid request can still get wrong against a particular model; the output (width, height).
     Raises InvalidRequestError. Cheap: decodes no image and runs no network."""
-    width, height = req.width or model.sample_size, req.height or model.sample_size
-    f = model.space.factor
+    final = model.upscaler or model
+    width, height = req.width or final.sample_size, req.height or final.sample_size
+    if model.sr is not None and req.lowres_image is not None and not (req.width or req.height):
+        # enlarge the given image by the model's factor (its header is read, not its pixels)
+        w, h = decode_image_size(req.lowres_image, "lowres_image")
+        width, height = w * _sr_factor(model), h * _sr_factor(model)
+    k = _upscale(model)
+    f = model.space.factor * k
+    if model.upscaler is not None:
+        f = f * final.space.factor // math.gcd(f, final.space.factor)
     if width % f or height % f:
-        raise InvalidRequestError(f"size {width}x{height} is not divisible by the model's factor {f}")
+        what = "the cascade's factor (its upscaling times the base's latent factor)" if k > 1 else "the model's factor"
+        raise InvalidRequestError(f"size {width}x{height} is not divisible by {what} {f}")
+    if model.upscaler is not None and (req.init_image is not None or req.lowres_image is not None):
+        raise InvalidRequestError(
+            f"{model.name} is a cascade: it makes its own low-resolution image; for img2img, inpainting or "
+            "enlarging a given image use its base or its super-resolution model alone"
+        )
+    if model.sr is not None:
+        if req.lowres_image is None:
+            raise InvalidRequestError(f"{model.name} is a super-resolution model: give it a lowres_image to enlarge")
+        if width % _sr_factor(model) or height % _sr_factor(model):
+            raise InvalidRequestError(f"size {width}x{height} is not divisible by the model's upscaling {_sr_factor(model)}")
+        if req.init_image is not None:
+            raise InvalidRequestError("img2img and inpainting are not supported with a super-resolution model")
+    elif model.upscaler is None and (req.lowres_image is not None or req.noise_level is not None):
+        raise InvalidRequestError(f"lowres_image and noise_level are for super-resolution models, and {model.name} is not one")
     if req.seed is not None and req.seed + req.batch - 1 > MAX_SEED:
         raise InvalidRequestError("seed + batch - 1 exceeds 2**63 - 1")
     if req.mask_image is not None and req.init_image is None:
         raise InvalidRequestError("mask_image needs an init_image to inpaint")
     _sampler_options(req)
     return width, height
+
+
+def _sr_factor(model: ModelBundle) -> int:
+    assert model.sr is not None
+    return max(1, model.sample_size // model.sr.from_size)
+
+
+def _noise_level(model: ModelBundle, req: GenerationRequest) -> int:
+    assert model.sr is not None
+    return req.noise_level if req.noise_level is not None else model.sr.noise_level
+
+
+SR_STAGE_STREAM = 1 << 40  # a cascade's SR stage draws its noise from stream_seed(seed, this)
+AUGMENT_STREAM = 1 << 41  # the noise added to a super-resolution model's low-res input
+
+
+@dataclass
+class _Stage:
+    """One sampler run per image: a model, its output size, per-image seeds and optional inputs."""
+
+    model: ModelBundle
+    width: int
+    height: int
+    seeds: list[int]
+    sigmas: torch.Tensor
+    lowres: list[torch.Tensor] | None = None  # per image, pixels at (height, width): SR conditioning
+    noise_level: int | None = None
+
+
+def _run_stage(stage: _Stage, req: GenerationRequest, source, mask, progress) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sampler states and decoded images (B, C, H, W) of one stage, image by image."""
+    model, sigmas = stage.model, stage.sigmas
+    options = _sampler_options(req)
+    sampler = get_sampler(req.sampler)
+    f = model.space.factor
+    shape = (model.space.channels, stage.height // f, stage.width // f)
+    cond = model.encode_prompts([req.prompt])
+    guided = cond is not None and req.cfg_scale != 1.0
+    uncond = model.encode_prompts([req.negative_prompt]) if guided else None
+    known = model.space.encode(source.to(model.device)) if source is not None else None
+    keep = None
+    if mask is not None:
+        small = torch.nn.functional.interpolate(mask, size=shape[1:], mode="area").to(model.device)
+        keep = (small > 0.01).float()
+    states = []
+    for i, seed in enumerate(stage.seeds):
+        noise = NoiseSource([seed], shape, device=model.device)
+        c, u = cond, uncond
+        if stage.lowres is not None:  # super-resolution: the low-res latents, augmented, ride along in Cond
+            low = model.space.encode(stage.lowres[i].to(model.device))
+            level = torch.full((1,), stage.noise_level, dtype=torch.long)
+            extra = {"noise_level": stage.noise_level}
+            low = q_sample(low, level.to(low.device), noise.draw(AUGMENT_STREAM), model.schedule)
+            c = replace(cond, concat=low, extra=extra) if cond is not None else Cond(concat=low, extra=extra)
+            u = replace(uncond, concat=low, extra=extra) if uncond is not None else None
+        denoise = model.denoiser()
+        if guided:
+            denoise = classifier_free(denoise, u, req.cfg_scale, rescale=req.guidance_rescale)
+        if req.dynamic_threshold is not None:
+            denoise = dynamic_threshold(denoise, req.dynamic_threshold)
+        z = noise.initial()
+        if known is None:
+            x = z * prior_std(float(sigmas[0]))
+        else:
+            if keep is not None:
+                denoise = inpaint(denoise, known, keep, z)
+            x = known + z * float(sigmas[0])
+        states.append(sampler(denoise, x, sigmas, cond=c, noise=noise, on_step=progress, **options) if len(sigmas) > 1 else x)
+    images = torch.cat([model.space.decode(s) for s in states])
+    return states, images
 
 
 def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCallback | None = None) -> Result:
@@ -198,69 +316,71 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
     batch-1 sampler run and decode. Batched forwards are not bit-identical to single ones on every CPU
     (oneDNN and BLAS pick their blocking by batch size; seen on an AMD EPYC machine where an Intel one had
     agreed), and `dreamlab replay` must reproduce any image of a batch from its own manifest. Progress
-    runs over the whole batch (steps x images).
+    runs over the whole batch (steps x images x stages).
+
+    A cascade (``model.upscaler``) runs its base model at 1/k of the output size, then its
+    super-resolution stage on each image, with noise from ``stream_seed(seed + i, SR_STAGE_STREAM)``.
     """
     req = request
     width, height = check_request(model, req)
-    f = model.space.factor
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    options = _sampler_options(req)
-    sampler = get_sampler(req.sampler)
-
-    sigmas = model.schedule.sigmas_for(req.steps, req.schedule)
-    shape = (model.space.channels, height // f, width // f)
+    seeds = [seed + i for i in range(req.batch)]
+    k = _upscale(model)
+    base = _Stage(model, width // k, height // k, seeds, model.schedule.sigmas_for(req.steps, req.schedule))
+    stages = [base]
+    if model.upscaler is not None:
+        sr = model.upscaler
+        stages.append(_Stage(sr, width, height, [stream_seed(s, SR_STAGE_STREAM) for s in seeds],
+                             sr.schedule.sigmas_for(req.steps, req.schedule), noise_level=_noise_level(sr, req)))
     source, mask = _load_inputs(req, model, width, height)
     if source is not None:
         # SDEdit (Meng et al. 2021): noise the source to a level part-way down the schedule, denoise from there
-        sigmas = truncate(sigmas, req.strength)
+        base.sigmas = truncate(base.sigmas, req.strength)
+    if model.sr is not None:
+        k_sr = _sr_factor(model)
+        low = _to_tensor(decode_image(req.lowres_image, "lowres_image"), model.space.image_channels, width // k_sr, height // k_sr)
+        base.lowres = [resize(low, (height, width))] * req.batch
+        base.noise_level = _noise_level(model, req)
+
+    walked = [len(st.sigmas) - 1 for st in stages]
+    total = sum(walked) * req.batch
+    done = [0]
+
+    def progress(info) -> None:  # one bar over the whole request
+        done[0] += 1
+        if on_step is not None:
+            on_step(replace(info, i=done[0] - 1, total=total))
 
     with torch.inference_mode():
-        cond = model.encode_prompts([req.prompt])
-        guided = cond is not None and req.cfg_scale != 1.0
-        uncond = model.encode_prompts([req.negative_prompt]) if guided else None
-        known = model.space.encode(source.to(model.device)) if source is not None else None
-        keep = None
-        if mask is not None:
-            small = torch.nn.functional.interpolate(mask, size=shape[1:], mode="area").to(model.device)
-            keep = (small > 0.01).float()
-        states = []
-        for i in range(req.batch):
-            noise = NoiseSource.for_batch(seed + i, 1, shape, device=model.device)
-            denoise = model.denoiser()
-            if guided:
-                denoise = classifier_free(denoise, uncond, req.cfg_scale, rescale=req.guidance_rescale)
-            if req.dynamic_threshold is not None:
-                denoise = dynamic_threshold(denoise, req.dynamic_threshold)
-            z = noise.initial()
-            if known is None:
-                x = z * prior_std(float(sigmas[0]))
-            else:
-                if keep is not None:
-                    denoise = inpaint(denoise, known, keep, z)
-                x = known + z * float(sigmas[0])
-            step_cb = None
-            if on_step is not None:
-                def step_cb(info, i=i):  # one progress bar over the whole batch
-                    on_step(replace(info, i=i * info.total + info.i, total=req.batch * info.total))
-            states.append(sampler(denoise, x, sigmas, cond=cond, noise=noise, on_step=step_cb, **options) if len(sigmas) > 1 else x)
-        state = torch.cat(states)
-        images = torch.cat([model.space.decode(s) for s in states])
+        states, images = _run_stage(base, req, source, mask, progress)
         if mask is not None:  # keep the known pixels exactly, not only their latents
             m = mask.to(images.device)
             images = images * m + source.to(images.device) * (1 - m)
+        if len(stages) > 1:
+            stages[1].lowres = [resize(im.unsqueeze(0).float().cpu(), (height, width)) for im in images.clamp(-1, 1)]
+            states, images = _run_stage(stages[1], req, None, None, progress)
+        state = torch.cat(states)
 
     recorded = _recorded(req.model_dump())  # input images hashed once for the whole batch
-    base = {
+    common: dict[str, Any] = {
         "dreamlab_version": __version__,
         "torch_version": torch.__version__,
         "platform": platform.machine(),
         "model": {"name": model.name, "source": model.source, "files": model.files},
         "sampler": req.sampler,
-        "sigmas": [float(s) for s in sigmas],
+        "sigmas": [float(s) for s in base.sigmas],
         "request": recorded,
     }
+    if base.noise_level is not None:
+        common["noise_level"] = base.noise_level
+    if len(stages) > 1:
+        common["stages"] = [
+            {"stage": name, "width": st.width, "height": st.height, "sigmas": [float(s) for s in st.sigmas],
+             **({"noise_level": st.noise_level} if st.noise_level is not None else {})}
+            for name, st in zip(("base", "super_resolution"), stages)
+        ]
     manifests = []
     for i in range(req.batch):
         per_image = {**recorded, "seed": seed + i, "batch": 1}
-        manifests.append({**base, "seed": seed + i, "batch_index": i, "request": per_image, "width": width, "height": height})
+        manifests.append({**common, "seed": seed + i, "batch_index": i, "request": per_image, "width": width, "height": height})
     return Result(images=to_pil(images), manifests=manifests, latents=state, pixels=images.clamp(-1, 1))

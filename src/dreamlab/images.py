@@ -58,3 +58,32 @@ def labelled_grid(images: list[Image.Image], labels: list[str], cols: int = 4, s
             text = text[:-4] + "..."
         draw.text((x0 + cell_w / 2, y0 + h + 2), text, fill=(40, 40, 40), font=font, anchor="ma")
     return sheet
+
+
+def resize(images: torch.Tensor, size: tuple[int, int] | int) -> torch.Tensor:
+    """Resize (B, C, H, W) images in [-1, 1] to ``size`` (height, width): area averaging to shrink,
+    bicubic to enlarge (clamped to [-1, 1]).
+
+    RGBA (C = 4, straight alpha) is resized premultiplied, so the colour under transparent pixels
+    (arbitrary in straight alpha) never bleeds into the edges of the visible ones; fully transparent
+    results get black colour, as the emoji data has.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    if images.shape[-2:] == (h, w):
+        return images
+    shrink = h <= images.shape[-2] and w <= images.shape[-1]
+
+    def _resize(x: torch.Tensor) -> torch.Tensor:
+        if shrink:
+            return torch.nn.functional.interpolate(x, size=(h, w), mode="area")
+        return torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+
+    x = images.float()
+    if x.shape[1] != 4:
+        return _resize(x).clamp(-1, 1)
+    alpha = (x[:, 3:] + 1) / 2
+    colour = (x[:, :3] + 1) / 2 * alpha
+    out = _resize(torch.cat([colour, alpha], dim=1))
+    alpha = out[:, 3:].clamp(0, 1)
+    colour = torch.where(alpha > 1e-4, out[:, :3] / alpha.clamp_min(1e-4), torch.zeros_like(out[:, :3])).clamp(0, 1)
+    return torch.cat([colour, alpha], dim=1) * 2 - 1

@@ -93,6 +93,7 @@ def replay(
     model_dir: str | Path | None = None,
     init_image: str | None = None,
     mask: str | None = None,
+    lowres_image: str | None = None,
     device: str = "cpu",
     allow_pickle: bool = False,
     log=print,
@@ -115,6 +116,10 @@ def replay(
         fields["mask_image"] = resolve_input(fields["mask_image"], mask, "inpainting mask", "--mask")
     elif mask:
         raise DreamlabError("this image was not made with a mask; drop --mask")
+    if fields.get("lowres_image"):
+        fields["lowres_image"] = resolve_input(fields["lowres_image"], lowres_image, "low-res input", "--lowres-image")
+    elif lowres_image:
+        raise DreamlabError("this image was not enlarged from a low-res input; drop --lowres-image")
     request = make_request(**fields)
 
     source = model_dir or manifest["model"].get("source")
@@ -153,6 +158,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--model", help="model folder (default: the folder recorded in the manifest)")
     r.add_argument("--init-image", help="the img2img / inpainting source the image was made from")
     r.add_argument("--mask", help="the inpainting mask the image was made with")
+    r.add_argument("--lowres-image", help="the image a super-resolution model enlarged")
     r.add_argument("--device", default="cpu")
     r.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
     r.set_defaults(func=cmd_replay)
@@ -161,7 +167,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Exit status 0: identical; 1: the pixels differ; 2: an error (as every dreamlab command)."""
     report = replay(args.image, args.output, model_dir=args.model, init_image=args.init_image, mask=args.mask,
-                    device=args.device, allow_pickle=args.allow_pickle)
+                    lowres_image=args.lowres_image, device=args.device, allow_pickle=args.allow_pickle)
     print(f"wrote {report.output}")
     if report.identical:
         print(f"identical: all {report.pixels} pixels match {args.image}")

@@ -20,7 +20,8 @@ import torch
 from ..data.captions import canonical_caption
 from ..data.dataset import EmojiDataset
 from ..data.emoji import DEFAULT_DATA_DIR
-from ..errors import ModelNotFoundError
+from ..errors import DreamlabError, ModelNotFoundError
+from ..images import resize
 from ..loading.files import sha256_file
 from .judge import judge_outputs, load_judge
 from .metrics import fid, kid, topk_accuracy
@@ -37,6 +38,7 @@ class EvalConfig:
     judge: str = str(default_judge_dir())
     model: str | None = None  # default: the installed default model
     run: str | None = None  # a `dreamlab train unet` run folder: score each snapshot, plot alignment vs hours
+    upscaler: str | None = None  # an SR stage: score each model as the base of a cascade with it
     prompts: int = 100  # distinct held-out prompts
     per_prompt: int = 2
     steps: int = 20
@@ -72,6 +74,7 @@ class _Evaluator:
         self.test = EmojiDataset(data, split="test")
         train = EmojiDataset(data, split="train")
         real_test = _images(self.test, self.test.records)
+        self.side = int(real_test.shape[-1])
         self.n_real = len(real_test)
         self.f_test, l_test = judge_outputs(self.judge, real_test)
         y_test = torch.tensor([self.pos[r["base"]] for r in self.test.records])
@@ -92,13 +95,18 @@ class _Evaluator:
 
         cfg = self.cfg
         model = load_model(model_dir)
+        if cfg.upscaler:
+            model.upscaler = load_model(cfg.upscaler)
+            if model.upscaler.sr is None or model.upscaler.sample_size % model.sample_size:
+                raise DreamlabError(f"--upscaler {cfg.upscaler} is not a super-resolution stage for a {model.sample_size}px model")
         prompts = held_out_prompts(self.test, cfg.prompts)
         generated, labels = [], []
         t0 = time.time()
         for i, r in enumerate(tqdm(prompts, desc="generating", leave=False)):
             req = make_request(prompt=canonical_caption(r), seed=cfg.seed + i * cfg.per_prompt, batch=cfg.per_prompt,
                                steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
-            generated.append(generate(model, req).pixels)
+            # the judge sees 64x64: smaller outputs (a cascade's base alone) are enlarged bicubically
+            generated.append(resize(generate(model, req).pixels, self.side))
             labels += [self.pos[r["base"]]] * cfg.per_prompt
         seconds = time.time() - t0
         gen = torch.cat(generated)
@@ -110,16 +118,26 @@ class _Evaluator:
             "n_generated": len(gen),
             "n_real_held_out": self.n_real,
             "seconds_per_image": seconds / max(1, len(gen)),
-            "training": _training_info(model_dir),
+            "training": _training_info(model_dir, cfg.upscaler),
             "settings": dict(cfg.__dict__),
         }
 
 
-def _training_info(model_dir: str | Path | None) -> dict:
+def _training_info(model_dir: str | Path | None, upscaler: str | Path | None = None) -> dict:
+    """The training a model records (steps, train_hours); for a cascade, both stages' and their total hours."""
     from ..loading.model import default_model_dir
 
-    spec = Path(model_dir).expanduser() / "dreamlab.json" if model_dir else default_model_dir() / "dreamlab.json"
-    return json.loads(spec.read_text()).get("training", {}) if spec.exists() else {}
+    root = Path(model_dir).expanduser() if model_dir else default_model_dir()
+    spec = json.loads((root / "dreamlab.json").read_text()) if (root / "dreamlab.json").exists() else {}
+    stages = None
+    if "cascade" in spec:
+        c = spec["cascade"]
+        stages = _training_info(root / c.get("base", "base")), _training_info(root / c.get("sr", "sr"))
+    elif upscaler:
+        stages = spec.get("training", {}), _training_info(upscaler)
+    if stages is None:
+        return spec.get("training", {})
+    return {"train_hours": sum(s.get("train_hours", 0.0) for s in stages), "base": stages[0], "super_resolution": stages[1]}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -138,7 +156,8 @@ def evaluate_run(cfg: EvalConfig, run: str | Path) -> list[dict]:
     # Scores already in curve.json are kept when they were measured the same way (same settings, same
     # judge), so the curve can be redrawn as training goes on at the cost of the new snapshots only.
     key = {**_settings(cfg), "judge_sha256": sha256_file(Path(cfg.judge).expanduser() / "judge.safetensors")}
-    curve_file = run / "curve.json"
+    name = "curve-cascade" if cfg.upscaler else "curve"  # the base alone and as a cascade, side by side
+    curve_file = run / f"{name}.json"
     try:
         old = json.loads(curve_file.read_text()) if curve_file.exists() else []
     except json.JSONDecodeError:
@@ -157,12 +176,15 @@ def evaluate_run(cfg: EvalConfig, run: str | Path) -> list[dict]:
         print(json.dumps({k: v for k, v in points[-1].items() if k != "measured_with"}))
         curve_file.write_text(json.dumps(points, indent=2))  # progress survives an interrupted run
     curve_file.write_text(json.dumps(points, indent=2))
-    plot_curve(points, run / "curve.png")
+    plot_curve(points, run / f"{name}.png")
     return points
 
 
 def _settings(cfg: EvalConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("prompts", "per_prompt", "steps", "sampler", "cfg_scale", "seed")}
+    settings = {k: getattr(cfg, k) for k in ("prompts", "per_prompt", "steps", "sampler", "cfg_scale", "seed")}
+    if cfg.upscaler:  # (curves measured before this option existed stay valid)
+        settings["upscaler_sha256"] = sha256_file(Path(cfg.upscaler).expanduser() / "unet" / "diffusion_pytorch_model.safetensors")
+    return settings
 
 
 def plot_curve(points: list[dict], dest: Path) -> None:

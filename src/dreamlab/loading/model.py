@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..core.prediction import Prediction
 from ..core.schedules import DiscreteSchedule
 from ..errors import DreamlabError, ModelNotFoundError
-from ..models.bundle import ModelBundle
+from ..models.bundle import ModelBundle, SuperResolution
 from ..models.space import PixelSpace, VAESpace
 from ..models.text import Pooling
 from .files import folder_hashes, use_safetensors
@@ -38,6 +38,20 @@ class TextEncoderSpec(BaseModel):
     pooling: Pooling = "pooler"
 
 
+class SuperResolutionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    from_size: int = Field(ge=1, le=4096, description="side of the low-resolution input it was trained on")
+    noise_level: int = Field(0, ge=0, le=999, description="default conditioning augmentation, a timestep")
+
+
+class CascadeSpec(BaseModel):
+    """A cascade folder holds two model folders: a base model and a super-resolution stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str = Field("base", pattern=r"^[A-Za-z0-9_.-]+$")
+    sr: str = Field("sr", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
 class ModelSpec(BaseModel):
     """Contents of ``dreamlab.json``."""
 
@@ -48,6 +62,8 @@ class ModelSpec(BaseModel):
     text_encoder: TextEncoderSpec = TextEncoderSpec()
     latent_scale: float | None = None  # overrides vae.config.scaling_factor
     latent_shift: float | None = None
+    super_resolution: SuperResolutionSpec | None = None  # this model is a super-resolution stage
+    cascade: CascadeSpec | None = None  # this folder is a cascade of two model folders
 
 
 def default_model_dir() -> Path:
@@ -69,6 +85,9 @@ def load_model(
 
     explicit = path is not None
     root = Path(path).expanduser() if explicit else default_model_dir()
+    spec = _read_spec(root)
+    if spec.cascade is not None:
+        return _load_cascade(root, spec, device=device, dtype=dtype, allow_pickle=allow_pickle)
     if not (root / "unet").is_dir():
         if explicit:
             raise ModelNotFoundError(f"no model at {root} (expected a diffusers-format folder with unet/)")
@@ -76,11 +95,6 @@ def load_model(
             f"no trained model is installed (looked for the default model in {root}). "
             "Pass --model DIR with a diffusers-format model folder, or set DREAMLAB_MODEL"
         )
-    try:
-        spec = ModelSpec.model_validate_json((root / "dreamlab.json").read_text()) if (root / "dreamlab.json").exists() else ModelSpec()
-    except ValidationError as e:
-        raise DreamlabError(f"{root / 'dreamlab.json'} is invalid: {e.errors()[0]['msg']}") from None
-
     sched_file = root / "scheduler" / "scheduler_config.json"
     if not sched_file.exists():
         raise ModelNotFoundError(f"{root} has no scheduler/scheduler_config.json (the training noise schedule)")
@@ -117,6 +131,15 @@ def load_model(
         )
 
     sample_size = spec.sample_size or int(unet.config.sample_size) * space.factor
+    sr = None
+    if spec.super_resolution is not None:
+        sr = SuperResolution(spec.super_resolution.from_size, spec.super_resolution.noise_level)
+        extra = int(unet.config.in_channels) - space.channels
+        if extra != space.channels or unet.config.class_embed_type != "timestep":
+            raise DreamlabError(
+                f"{root} is described as a super-resolution stage but its UNet does not take one: it needs "
+                f"{2 * space.channels} input channels (has {unet.config.in_channels}) and class_embed_type 'timestep'"
+            )
     return ModelBundle(
         unet=unet.to(device).eval().requires_grad_(False),
         text_encoder=text_encoder,
@@ -128,4 +151,36 @@ def load_model(
         name=spec.name or root.name,
         source=str(root.resolve()),
         files=folder_hashes(root),
+        sr=sr,
     )
+
+
+def _read_spec(root: Path) -> ModelSpec:
+    file = root / "dreamlab.json"
+    try:
+        return ModelSpec.model_validate_json(file.read_text()) if file.exists() else ModelSpec()
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise DreamlabError(f"{file} is invalid: {where + ': ' if where else ''}{err['msg']}") from None
+
+
+def _load_cascade(root: Path, spec: ModelSpec, **kw) -> ModelBundle:
+    """A base model whose images a super-resolution stage enlarges (Ho et al. 2021)."""
+    assert spec.cascade is not None
+    base = load_model(root / spec.cascade.base, **kw)
+    sr = load_model(root / spec.cascade.sr, **kw)
+    if base.sr is not None or base.upscaler is not None:
+        raise DreamlabError(f"{root}: the base of a cascade must be a text-to-image model")
+    if sr.sr is None:
+        raise DreamlabError(f"{root / spec.cascade.sr} is not a super-resolution stage (its dreamlab.json has no super_resolution)")
+    if sr.sample_size % base.sample_size:
+        raise DreamlabError(f"{root}: the SR stage's size {sr.sample_size} is not a multiple of the base's {base.sample_size}")
+    te_base, te_sr = _read_spec(root / spec.cascade.base).text_encoder, _read_spec(root / spec.cascade.sr).text_encoder
+    if te_base.source == "minilm" and te_base == te_sr:
+        sr.text_encoder = base.text_encoder  # the same packaged encoder: one copy in memory, not two
+    base.upscaler = sr
+    base.name = spec.name or root.name
+    base.source = str(root.resolve())
+    base.files = folder_hashes(root)
+    return base

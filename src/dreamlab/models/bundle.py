@@ -15,6 +15,16 @@ from .text import TextEncoder
 from .unet import UNetModelFn
 
 
+@dataclass(frozen=True)
+class SuperResolution:
+    """What makes a model a super-resolution stage: it denoises images of ``sample_size`` conditioned on
+    a low-resolution image (``from_size`` by default), whose latents it sees concatenated to its input
+    after noise of level ``noise_level`` (a training timestep) is added: conditioning augmentation."""
+
+    from_size: int
+    noise_level: int
+
+
 @dataclass(eq=False)
 class ModelBundle:
     unet: nn.Module  # a diffusers UNet2DConditionModel
@@ -27,6 +37,8 @@ class ModelBundle:
     name: str = "model"
     source: str = ""  # folder it was loaded from
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, for manifests
+    sr: SuperResolution | None = None  # set for a super-resolution stage
+    upscaler: "ModelBundle | None" = None  # a cascade: this base model's images are enlarged by this SR stage
 
     @property
     def device(self) -> torch.device:

@@ -14,7 +14,8 @@ import torch
 _WORDS = "a an the red green blue yellow apple heart star cat dog face smile sun moon tree flower car".split()
 
 
-def tiny_unet(in_channels: int = 4, out_channels: int = 4, cross_dim: int = 16, sample_size: int = 8, seed: int = 0):
+def tiny_unet(in_channels: int = 4, out_channels: int = 4, cross_dim: int = 16, sample_size: int = 8, seed: int = 0,
+              class_embed_type: str | None = None):
     """A random UNet2DConditionModel with cross-attention, about 65k parameters."""
     from diffusers import UNet2DConditionModel
 
@@ -30,16 +31,21 @@ def tiny_unet(in_channels: int = 4, out_channels: int = 4, cross_dim: int = 16, 
         norm_num_groups=4,
         attention_head_dim=2,
         cross_attention_dim=cross_dim,
+        class_embed_type=class_embed_type,
     )
 
 
-def make_tiny_model(path: str | Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def make_tiny_model(
+    path: str | Path, *, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 16, sr_from: int | None = None
+) -> Path:
+    """``sr_from``: a super-resolution stage enlarging images of that side to ``sample_size``."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import BertConfig, BertModel, BertTokenizer
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    tiny_unet(seed=seed).save_pretrained(root / "unet")
+    sr = {"in_channels": 8, "class_embed_type": "timestep"} if sr_from else {}
+    tiny_unet(seed=seed, sample_size=sample_size // 2, **sr).save_pretrained(root / "unet")
     AutoencoderKL(
         in_channels=4,
         out_channels=4,
@@ -70,11 +76,34 @@ def make_tiny_model(path: str | Path, *, seed: int = 0, prediction_type: str = "
             max_position_embeddings=32,
         )
     ).save_pretrained(root / "text_encoder")
-    spec = {
-        "name": "tiny-random",
-        "sample_size": 16,
+    spec: dict = {
+        "name": "tiny-random" + (f"-sr{sr_from}" if sr_from else ""),
+        "sample_size": sample_size,
         "use_mask": True,
         "text_encoder": {"source": "folder", "max_length": 8, "pooling": "mean"},
     }
+    if sr_from:
+        spec["super_resolution"] = {"from_size": sr_from, "noise_level": 50}
     (root / "dreamlab.json").write_text(json.dumps(spec, indent=2) + "\n")
     return root
+
+
+def make_tiny_cascade(path: str | Path, *, seed: int = 0) -> Path:
+    """A cascade folder: a tiny 8x8 base model and a tiny 8 -> 16 super-resolution stage."""
+    root = Path(path)
+    make_tiny_model(root / "base", seed=seed, sample_size=8)
+    make_tiny_model(root / "sr", seed=seed + 1, sample_size=16, sr_from=8)
+    (root / "dreamlab.json").write_text(json.dumps({"name": "tiny-cascade", "cascade": {"base": "base", "sr": "sr"}}, indent=2) + "\n")
+    return root
+
+
+def make_tiny_vae(path: str | Path) -> Path:
+    """A random RGBA AutoencoderKL with the emoji autoencoder's 4x downsampling, for training tests."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=4, out_channels=4, latent_channels=4, block_out_channels=(8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8, sample_size=64)
+    vae.register_to_config(scaling_factor=1.0)
+    vae.save_pretrained(path)
+    return Path(path)

@@ -28,6 +28,8 @@ class UNetModelFn:
                 x_t = torch.cat([x_t, cond.concat.to(x_t.dtype)], dim=1)
             if self.use_mask and cond.mask is not None:
                 kwargs["encoder_attention_mask"] = cond.mask
+            if "noise_level" in cond.extra:  # a super-resolution stage: the augmentation of its low-res input
+                kwargs["class_labels"] = torch.full((x_t.shape[0],), float(cond.extra["noise_level"]), device=x_t.device)
             if cond.control is not None:
                 *down, mid = cond.control
                 kwargs["down_block_additional_residuals"] = tuple(down)

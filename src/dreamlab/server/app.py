@@ -27,7 +27,7 @@ from .. import __version__
 from ..core.samplers import SAMPLERS, STOCHASTIC
 from ..core.schedules import SPACINGS
 from ..errors import DreamlabError, InvalidRequestError, UnknownNameError
-from ..generate import GenerationRequest, image_bytes, image_sha256, open_image
+from ..generate import INPUT_IMAGES, GenerationRequest, image_bytes, image_sha256, open_image
 from ..generate import check_request as check_for_model
 from ..models.bundle import ModelBundle
 from .gallery import Gallery
@@ -190,7 +190,9 @@ def check_request(req: GenerationRequest, model: ModelBundle, limits: Limits) ->
             problems.append(f"{name}: at most {limits.max_side} on this server")
     if not problems:
         try:
-            check_for_model(model, req)
+            size = check_for_model(model, req)  # the output size: a cascade's or an enlarged input's too
+            problems += [f"{name}: the output would be {side}, at most {limits.max_side} on this server"
+                         for name, side in zip(("width", "height"), size) if side > limits.max_side]
         except InvalidRequestError as e:
             problems.append(str(e))
     if problems:
@@ -236,7 +238,7 @@ class Server:
         data = req.model_dump()
         if data["seed"] is None:  # fixed now, so a job that restarts makes the same images
             data["seed"] = secrets.randbelow(2**31)
-        for key in ("init_image", "mask_image"):
+        for key in INPUT_IMAGES:
             if data[key] is not None:
                 raw, fmt = _normalize_image(data[key], key, self.limits.max_side)
                 data[key] = base64.b64encode(raw).decode("ascii")  # canonical: no data: prefix, no line breaks
@@ -253,7 +255,7 @@ class Server:
     def job_out(self, job: Job) -> JobOut:
         progress = self.store.progress(job.id) if job.state == "running" else None
         request = dict(job.request)
-        for key in ("init_image", "mask_image"):
+        for key in INPUT_IMAGES:
             if key in request:
                 request[key] = _recorded(request[key], key)
         images = self.store.images_of(job.id) if job.state == "done" else []

@@ -8,12 +8,13 @@ can check what they run against the model card.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..errors import ModelNotFoundError
+from ..errors import DreamlabError, ModelNotFoundError
 from ..loading.files import sha256_file
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -33,8 +34,9 @@ def _fp16_copy(src: Path, dest: Path) -> None:
 
 def ship(model: str | Path, judge: str | Path, dest: str | Path = WEIGHTS_DIR) -> Path:
     model, judge, dest = Path(model).expanduser(), Path(judge).expanduser(), Path(dest).expanduser()
-    if not (model / "unet").is_dir() or not (model / "dreamlab.json").exists():
-        raise ModelNotFoundError(f"{model} is not a dreamlab model folder (unet/, vae/, scheduler/, dreamlab.json)")
+    is_cascade = (model / "dreamlab.json").exists() and "cascade" in json.loads((model / "dreamlab.json").read_text())
+    if not ((model / "unet").is_dir() or is_cascade) or not (model / "dreamlab.json").exists():
+        raise ModelNotFoundError(f"{model} is not a dreamlab model folder (unet/, vae/, scheduler/, dreamlab.json) or cascade")
     if not (judge / "judge.safetensors").exists():
         raise ModelNotFoundError(f"no judge at {judge}; train one with `dreamlab train judge`")
     dest.mkdir(parents=True, exist_ok=True)
@@ -51,6 +53,34 @@ def ship(model: str | Path, judge: str | Path, dest: str | Path = WEIGHTS_DIR) -
     (dest / "SHA256SUMS").write_text(sums)
     total = sum(p.stat().st_size for p in files)
     print(f"shipped {len(files)} files, {total / 2**20:.1f} MiB, to {dest}")
+    return dest
+
+
+def assemble_cascade(base: str | Path, sr: str | Path, dest: str | Path, *, name: str | None = None) -> Path:
+    """A cascade folder: copies of a base model and a super-resolution stage, and a dreamlab.json naming them.
+    Checked by loading it, so a mismatched pair is refused here rather than at generation time."""
+    from ..loading.model import load_model
+
+    base, sr, dest = Path(base).expanduser(), Path(sr).expanduser(), Path(dest).expanduser()
+    for what, folder in (("base", base), ("sr", sr)):
+        if not (folder / "unet").is_dir():
+            raise ModelNotFoundError(f"{what} {folder} is not a model folder (expected unet/ in it)")
+    if dest.exists() and any(dest.iterdir()):
+        raise DreamlabError(f"{dest} exists and is not empty; choose a new folder for the cascade")
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for src, sub in ((base, "base"), (sr, "sr")):
+        shutil.copytree(src, tmp / sub, ignore=shutil.ignore_patterns(".*", "*.bin", "*.pt", "*.ckpt", "MODEL_CARD.md"))
+    spec = {"name": name or dest.name, "cascade": {"base": "base", "sr": "sr"}}
+    (tmp / "dreamlab.json").write_text(json.dumps(spec, indent=2) + "\n")
+    try:
+        load_model(tmp)
+    except DreamlabError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        dest.rmdir()
+    tmp.rename(dest)
     return dest
 
 

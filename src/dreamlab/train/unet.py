@@ -5,6 +5,12 @@ cached; v-prediction (Salimans & Ho 2022) with Min-SNR-5 weighting (Hang et al. 
 and cosine decay; EMA weights; 10% of captions dropped to the empty prompt so the model also learns the
 unconditional score that classifier-free guidance needs (Ho & Salimans 2022). Attention only at the two
 lowest resolutions, where it is cheap.
+
+The same trainer makes the two stages of a cascade (Ho et al. 2021, "Cascaded Diffusion Models"):
+``resolution=32`` trains a base model on 32x32 images (8x8x4 latents), and ``sr_from=32`` a 2x
+super-resolution stage: a UNet that also sees the latents of the bicubically upsampled low-resolution
+image (concatenated to its input) and, through its class embedding, the level of Gaussian noise added to
+those latents during training (conditioning augmentation, so it tolerates the base model's flaws).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -26,7 +33,7 @@ from ..core.schedules import DiscreteSchedule
 from ..data.captions import caption
 from ..data.dataset import EmojiDataset
 from ..errors import DreamlabError, ModelNotFoundError
-from ..images import grid
+from ..images import grid, resize
 from .common import (
     EMA,
     Dist,
@@ -63,6 +70,9 @@ class UNetConfig:
     cond_dropout: float = 0.1
     captions_per_image: int = 4  # caption variants encoded once and cycled over epochs
     max_length: int = 24  # text tokens
+    resolution: int = 64  # image side trained on (the emoji are 64x64; 32 = the base of a cascade)
+    sr_from: int | None = None  # train a super-resolution stage from images of this side (e.g. 32) to resolution
+    sr_noise_max: int = 350  # SR conditioning augmentation: noise levels (timesteps) drawn from [0, this]
     # 11.5M parameters, 0.85 GFLOP per 16x16x4 forward: sized for hours of 2-core CPU (docs/training.md)
     block_out_channels: tuple[int, ...] = (64, 128, 192)
     layers_per_block: int = 1
@@ -77,16 +87,22 @@ class UNetConfig:
     device: str = "auto"
 
 
-def build_unet(cfg: UNetConfig, cross_dim: int = 384, sample_size: int = 16):
+LATENT_FACTOR = 4  # the emoji autoencoder's downsampling
+DEFAULT_SR_NOISE = 50  # conditioning augmentation an exported SR stage samples with (a timestep)
+
+
+def build_unet(cfg: UNetConfig, cross_dim: int = 384):
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.block_out_channels)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
     up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    sr = {"class_embed_type": "timestep"} if cfg.sr_from else {}  # the augmentation level, embedded like t
     return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
+        sample_size=cfg.resolution // LATENT_FACTOR,
+        in_channels=8 if cfg.sr_from else 4,  # SR: noisy latents + latents of the upsampled low-res image
         out_channels=4,
+        **sr,
         block_out_channels=tuple(cfg.block_out_channels),
         down_block_types=down,
         up_block_types=up,
@@ -123,12 +139,14 @@ def build_cache(cfg: UNetConfig, cache: Path) -> None:
     ds = EmojiDataset(Path(cfg.data), split="train")
     vae = AutoencoderKL.from_pretrained(cfg.vae).eval()
     scale = float(vae.config.scaling_factor)
-    means, stds = [], []
+    means, stds, lowres = [], [], []
     for i in range(0, len(ds), 128):
-        x = torch.stack([ds[j][0] for j in range(i, min(i + 128, len(ds)))])
+        x = resize(torch.stack([ds[j][0] for j in range(i, min(i + 128, len(ds)))]), cfg.resolution)
         post = vae.encode(x).latent_dist
         means.append(post.mean * scale)
         stds.append(post.std * scale)
+        if cfg.sr_from:
+            lowres.append(vae.encode(upsampled_lowres(x, cfg.sr_from)).latent_dist.mean * scale)
     encoder = load_minilm(cfg.max_length)
     rng = random.Random(cfg.seed)
     texts = [caption(ds.records[i], rng) for _ in range(cfg.captions_per_image) for i in range(len(ds))]
@@ -146,6 +164,7 @@ def build_cache(cfg: UNetConfig, cache: Path) -> None:
             "mask": torch.cat(masks).contiguous(),
             "empty_tokens": empty.tokens.half().contiguous(),
             "empty_mask": empty.mask.to(torch.uint8).contiguous(),
+            **({"lowres_latent": torch.cat(lowres).contiguous()} if cfg.sr_from else {}),
         },
         str(cache / "cache.safetensors"),
     )
@@ -153,8 +172,29 @@ def build_cache(cfg: UNetConfig, cache: Path) -> None:
     (cache / "cache.json").write_text(json.dumps({**_cache_key(cfg), "n": len(ds)}))
 
 
+def upsampled_lowres(images: torch.Tensor, side: int) -> torch.Tensor:
+    """What an SR stage is conditioned on: ``images`` shrunk to ``side`` and enlarged back to their size."""
+    return resize(resize(images, side), tuple(images.shape[-2:]))
+
+
 def _cache_key(cfg: UNetConfig) -> dict:
-    return {"vae": str(Path(cfg.vae).expanduser().resolve()), "k": cfg.captions_per_image, "max_length": cfg.max_length}
+    key = {"vae": str(Path(cfg.vae).expanduser().resolve()), "k": cfg.captions_per_image, "max_length": cfg.max_length}
+    if cfg.resolution != 64 or cfg.sr_from:  # (caches made before these options existed stay valid)
+        key.update(resolution=cfg.resolution, sr_from=cfg.sr_from)
+    return key
+
+
+def check_config(cfg: UNetConfig) -> None:
+    """Sizes that cannot work, named before anything is built."""
+    if cfg.resolution % (LATENT_FACTOR * 2 ** (len(cfg.block_out_channels) - 1)) or not 8 <= cfg.resolution <= 64:
+        raise DreamlabError(
+            f"--resolution {cfg.resolution}: must be at most 64 (the data's size) and divisible by "
+            f"{LATENT_FACTOR * 2 ** (len(cfg.block_out_channels) - 1)} (the autoencoder's and the UNet's downsampling)"
+        )
+    if cfg.sr_from is not None and not (0 < cfg.sr_from < cfg.resolution and cfg.resolution % cfg.sr_from == 0):
+        raise DreamlabError(f"--sr-from {cfg.sr_from}: must be smaller than --resolution {cfg.resolution} and divide it")
+    if not 0 <= cfg.sr_noise_max < 1000:
+        raise DreamlabError(f"--sr-noise-max {cfg.sr_noise_max}: must be a timestep in [0, 999]")
 
 
 def _cache_matches(cfg: UNetConfig, cache: Path) -> bool:
@@ -175,8 +215,10 @@ class _Net(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x_t, t, tokens, mask):
-        return self.unet(x_t, t, encoder_hidden_states=tokens, encoder_attention_mask=mask).sample
+    def forward(self, x_t, t, tokens, mask, concat=None, noise_level=None):
+        if concat is not None:
+            x_t = torch.cat([x_t, concat], dim=1)
+        return self.unet(x_t, t, encoder_hidden_states=tokens, encoder_attention_mask=mask, class_labels=noise_level).sample
 
 
 def export_model(
@@ -200,12 +242,14 @@ def export_model(
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule_config(cfg.prediction), indent=2))
     spec = {
-        "name": "dreamlab-emoji",
-        "sample_size": 64,
+        "name": "dreamlab-emoji" + (f"-sr{cfg.sr_from}" if cfg.sr_from else "" if cfg.resolution == 64 else f"-{cfg.resolution}"),
+        "sample_size": cfg.resolution,
         "use_mask": True,
         "text_encoder": {"source": "minilm", "max_length": cfg.max_length, "pooling": "mean"},
         "training": extra or {},
     }
+    if cfg.sr_from:
+        spec["super_resolution"] = {"from_size": cfg.sr_from, "noise_level": min(DEFAULT_SR_NOISE, cfg.sr_noise_max)}
     (tmp / "dreamlab.json").write_text(json.dumps(spec, indent=2))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -228,6 +272,7 @@ def init_source(init: str | None) -> tuple[str | None, dict]:
 
 
 def train_unet(cfg: UNetConfig) -> Path:
+    check_config(cfg)
     d: Dist = init_distributed(cfg.device)
     out = Path(cfg.out).expanduser()
     cache = out / "cache"
@@ -238,7 +283,7 @@ def train_unet(cfg: UNetConfig) -> Path:
             build_cache(cfg, cache)
     d.barrier()
     data = load_file(str(cache / "cache.safetensors"))
-    n = data["latent_mean"].shape[0]
+    n, latent_shape = data["latent_mean"].shape[0], tuple(data["latent_mean"].shape[1:])
     schedule = DiscreteSchedule.from_diffusers_config(schedule_config(cfg.prediction))
     prediction = Prediction(cfg.prediction)
 
@@ -278,7 +323,7 @@ def train_unet(cfg: UNetConfig) -> Path:
     while step < cfg.steps:
         idx = torch.randint(n, (B,), generator=gen)
         variant = torch.randint(cfg.captions_per_image, (B,), generator=gen)
-        x0 = data["latent_mean"][idx] + data["latent_std"][idx] * torch.randn(B, 4, 16, 16, generator=gen)
+        x0 = data["latent_mean"][idx] + data["latent_std"][idx] * torch.randn(B, *latent_shape, generator=gen)
         rows = variant * n + idx
         tokens, mask = data["tokens"][rows].float(), data["mask"][rows].long()
         drop = torch.rand(B, generator=gen) < cfg.cond_dropout
@@ -286,9 +331,15 @@ def train_unet(cfg: UNetConfig) -> Path:
         mask[drop] = data["empty_mask"].long()
         t = torch.randint(schedule.num_train_timesteps, (B,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        concat = level = None
+        if cfg.sr_from:  # only the text is dropped for CFG; the low-res image is always seen, noised
+            level = torch.randint(cfg.sr_noise_max + 1, (B,), generator=gen)
+            concat = q_sample(data["lowres_latent"][idx], level, torch.randn(x0.shape, generator=gen), schedule)
+            concat, level = concat.to(d.device), level.to(d.device)
         x0, tokens, mask, t, noise = (v.to(d.device) for v in (x0, tokens, mask, t, noise))
         x_t = q_sample(x0, t, noise, schedule)
-        loss = l_simple(net(x_t, t, tokens, mask), x0, noise, t, schedule, prediction, min_snr_gamma=cfg.min_snr_gamma)
+        pred = net(x_t, t, tokens, mask, concat, level)
+        loss = l_simple(pred, x0, noise, t, schedule, prediction, min_snr_gamma=cfg.min_snr_gamma)
         update(loss, unet, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         step += 1
         seen += B * d.world
@@ -311,7 +362,10 @@ def train_unet(cfg: UNetConfig) -> Path:
                 log.plot(("loss",))
             d.barrier()
         if d.main and (step % cfg.sample_every == 0 or step == cfg.steps):
-            sample_grid(out / "model", out / f"samples-{step:07d}.png")
+            if cfg.sr_from:
+                sr_sample_grid(out / "model", cfg.data, out / f"samples-{step:07d}.png")
+            else:
+                sample_grid(out / "model", out / f"samples-{step:07d}.png")
         t_mark = time.time()  # checkpoints and sample grids are not training compute
     bar.close()
     shutdown_distributed()
@@ -328,4 +382,27 @@ def sample_grid(model_dir: Path, dest: Path, prompts: list[str] = SAMPLE_PROMPTS
     for i, p in enumerate(prompts):
         images += generate(model, make_request(prompt=p, seed=i, steps=steps, cfg_scale=cfg_scale)).images
     grid(images, cols=8, scale=2).save(dest)
+    return dest
+
+
+def sr_sample_grid(model_dir: Path, data: str, dest: Path, n: int = 8, steps: int = 20, cfg_scale: float = 4.0) -> Path:
+    """Held-out images through a super-resolution stage: the original, the low-res input (enlarged) and
+    the stage's output, in three rows."""
+    from ..data.captions import canonical_caption
+    from ..generate import encode_image, generate, make_request
+    from ..images import to_pil
+    from ..loading.model import load_model
+
+    model = load_model(model_dir)
+    ds = EmojiDataset(Path(data), split="test")
+    picks = [ds[i * max(1, len(ds) // n)] for i in range(min(n, len(ds)))]
+    real = torch.stack([x for x, _ in picks])
+    low = to_pil(resize(real, model.sr.from_size))
+    outputs = []
+    for i, ((_, meta), image) in enumerate(zip(picks, low)):
+        req = make_request(prompt=canonical_caption(meta), seed=i, steps=steps, cfg_scale=cfg_scale,
+                           lowres_image=encode_image(image))
+        outputs += generate(model, req).images
+    side = model.sample_size
+    grid(to_pil(real) + [im.resize((side, side), Image.NEAREST) for im in low] + outputs, cols=len(picks), scale=2).save(dest)
     return dest
