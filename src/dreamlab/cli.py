@@ -71,15 +71,14 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     """`dreamlab upscale IMAGE --model SR`: generate with the image as a super-resolution model's input."""
-    from .loading.model import load_model
+    from .loading.model import load_model, super_resolution_dir
 
-    model = load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
-    if model.upscaler is not None:  # a cascade: enlarge with its second stage
-        args.model = model.upscaler.source
-    elif model.sr is None:
+    # a cascade enlarges with its second stage; its base is not loaded
+    model = load_model(super_resolution_dir(args.model), device=args.device, allow_pickle=args.allow_pickle)
+    if model.sr is None:
         raise DreamlabError(f"{args.model} is not a super-resolution model or a cascade; train one with "
                             "`dreamlab train unet --sr-from SIZE`")
-    return cmd_generate(args, model=model.upscaler or model)
+    return cmd_generate(args, model=model)
 
 
 def cmd_cascade(args: argparse.Namespace) -> int:
@@ -151,13 +150,12 @@ cmd_train_judge = _train("judge", ".eval.judge", "JudgeConfig", "train_judge")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.evaluate import EvalConfig, evaluate, evaluate_run, format_table, save_result
+    from .eval.evaluate import EvalConfig, curve_file, evaluate, evaluate_run, format_table, save_result
 
     cfg = _config(EvalConfig, args)
     if cfg.run:
         points = evaluate_run(cfg, cfg.run)
-        name = "curve-cascade.png" if cfg.upscaler else "curve.png"
-        print(f"{len(points)} snapshots scored; curve written to {Path(cfg.run).expanduser() / name}")
+        print(f"{len(points)} snapshots scored; curve written to {curve_file(cfg, cfg.run).with_suffix('.png')}")
         return 0
     result = evaluate(cfg)
     print(format_table(result))

@@ -92,10 +92,12 @@ def encode_image(image: Image.Image | str | Path) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def open_image(data: bytes, what: str) -> Image.Image:
+def open_image(data: bytes, what: str, *, load: bool = True) -> Image.Image:
+    """The image in ``data``; ``load=False`` reads only its header (size, mode), not its pixels."""
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
+        if load:
+            image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidRequestError(f"{what} is not a readable image ({e})") from None
     if max(image.size) > 4 * MAX_SIDE:
@@ -115,15 +117,6 @@ def image_bytes(b64: str, what: str) -> bytes:
 
 def decode_image(b64: str, what: str) -> Image.Image:
     return open_image(image_bytes(b64, what), what)
-
-
-def decode_image_size(b64: str, what: str) -> tuple[int, int]:
-    """(width, height) of a base64 image from its header, without decoding its pixels."""
-    try:
-        with Image.open(io.BytesIO(image_bytes(b64, what))) as image:
-            return image.size
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidRequestError(f"{what} is not a readable image ({e})") from None
 
 
 def image_sha256(b64: str, what: str = "image") -> str:
@@ -208,7 +201,7 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
     width, height = req.width or final.sample_size, req.height or final.sample_size
     if model.sr is not None and req.lowres_image is not None and not (req.width or req.height):
         # enlarge the given image by the model's factor (its header is read, not its pixels)
-        w, h = decode_image_size(req.lowres_image, "lowres_image")
+        w, h = open_image(image_bytes(req.lowres_image, "lowres_image"), "lowres_image", load=False).size
         width, height = w * _sr_factor(model), h * _sr_factor(model)
     k = _upscale(model)
     f = model.space.factor * k
@@ -262,7 +255,7 @@ class _Stage:
     height: int
     seeds: list[int]
     sigmas: torch.Tensor
-    lowres: list[torch.Tensor] | None = None  # per image, pixels at (height, width): SR conditioning
+    lowres: list[torch.Tensor] | None = None  # pixels at (height, width), SR conditioning: one per image, or one for all
     noise_level: int | None = None
 
 
@@ -281,12 +274,13 @@ def _run_stage(stage: _Stage, req: GenerationRequest, source, mask, progress) ->
     if mask is not None:
         small = torch.nn.functional.interpolate(mask, size=shape[1:], mode="area").to(model.device)
         keep = (small > 0.01).float()
+    lows = [model.space.encode(low.to(model.device)) for low in stage.lowres] if stage.lowres is not None else None
     states = []
     for i, seed in enumerate(stage.seeds):
         noise = NoiseSource([seed], shape, device=model.device)
         c, u = cond, uncond
-        if stage.lowres is not None:  # super-resolution: the low-res latents, augmented, ride along in Cond
-            low = model.space.encode(stage.lowres[i].to(model.device))
+        if lows is not None:  # super-resolution: the low-res latents, augmented, ride along in Cond
+            low = lows[i if len(lows) > 1 else 0]
             level = torch.full((1,), stage.noise_level, dtype=torch.long)
             extra = {"noise_level": stage.noise_level}
             low = q_sample(low, level.to(low.device), noise.draw(AUGMENT_STREAM), model.schedule)
@@ -339,11 +333,10 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
     if model.sr is not None:
         k_sr = _sr_factor(model)
         low = _to_tensor(decode_image(req.lowres_image, "lowres_image"), model.space.image_channels, width // k_sr, height // k_sr)
-        base.lowres = [resize(low, (height, width))] * req.batch
+        base.lowres = [resize(low, (height, width))]  # the same input for every image: encoded once
         base.noise_level = _noise_level(model, req)
 
-    walked = [len(st.sigmas) - 1 for st in stages]
-    total = sum(walked) * req.batch
+    total = sum(len(st.sigmas) - 1 for st in stages) * req.batch
     done = [0]
 
     def progress(info) -> None:  # one bar over the whole request

@@ -20,7 +20,7 @@ import torch
 from ..data.captions import canonical_caption
 from ..data.dataset import EmojiDataset
 from ..data.emoji import DEFAULT_DATA_DIR
-from ..errors import DreamlabError, ModelNotFoundError
+from ..errors import ModelNotFoundError
 from ..images import resize
 from ..loading.files import sha256_file
 from .judge import judge_outputs, load_judge
@@ -75,6 +75,7 @@ class _Evaluator:
         train = EmojiDataset(data, split="train")
         real_test = _images(self.test, self.test.records)
         self.side = int(real_test.shape[-1])
+        self.upscaler = None
         self.n_real = len(real_test)
         self.f_test, l_test = judge_outputs(self.judge, real_test)
         y_test = torch.tensor([self.pos[r["base"]] for r in self.test.records])
@@ -91,14 +92,13 @@ class _Evaluator:
         from tqdm import tqdm
 
         from ..generate import generate, make_request
-        from ..loading.model import load_model
+        from ..loading.model import attach_upscaler, load_model
 
         cfg = self.cfg
         model = load_model(model_dir)
         if cfg.upscaler:
-            model.upscaler = load_model(cfg.upscaler)
-            if model.upscaler.sr is None or model.upscaler.sample_size % model.sample_size:
-                raise DreamlabError(f"--upscaler {cfg.upscaler} is not a super-resolution stage for a {model.sample_size}px model")
+            self.upscaler = self.upscaler or load_model(cfg.upscaler)  # once for all the snapshots of a run
+            attach_upscaler(model, self.upscaler, f"--upscaler {cfg.upscaler}")
         prompts = held_out_prompts(self.test, cfg.prompts)
         generated, labels = [], []
         t0 = time.time()
@@ -156,10 +156,9 @@ def evaluate_run(cfg: EvalConfig, run: str | Path) -> list[dict]:
     # Scores already in curve.json are kept when they were measured the same way (same settings, same
     # judge), so the curve can be redrawn as training goes on at the cost of the new snapshots only.
     key = {**_settings(cfg), "judge_sha256": sha256_file(Path(cfg.judge).expanduser() / "judge.safetensors")}
-    name = "curve-cascade" if cfg.upscaler else "curve"  # the base alone and as a cascade, side by side
-    curve_file = run / f"{name}.json"
+    curve = curve_file(cfg, run)
     try:
-        old = json.loads(curve_file.read_text()) if curve_file.exists() else []
+        old = json.loads(curve.read_text()) if curve.exists() else []
     except json.JSONDecodeError:
         old = []
     known = {p["snapshot"]: p for p in old if isinstance(p, dict) and p.get("measured_with") == key}
@@ -174,10 +173,16 @@ def evaluate_run(cfg: EvalConfig, run: str | Path) -> list[dict]:
         points.append({"snapshot": snap.name, **result["training"], **result["model"],
                        "ceiling_top5": ev.ceiling["top5"], "ceiling_top1": ev.ceiling["top1"], "measured_with": key})
         print(json.dumps({k: v for k, v in points[-1].items() if k != "measured_with"}))
-        curve_file.write_text(json.dumps(points, indent=2))  # progress survives an interrupted run
-    curve_file.write_text(json.dumps(points, indent=2))
-    plot_curve(points, run / f"{name}.png")
+        curve.write_text(json.dumps(points, indent=2))  # progress survives an interrupted run
+    curve.write_text(json.dumps(points, indent=2))
+    plot_curve(points, curve.with_suffix(".png"))
     return points
+
+
+def curve_file(cfg: EvalConfig, run: str | Path) -> Path:
+    """Where ``evaluate_run`` keeps a run's curve (``.json``; the plot beside it as ``.png``): the base
+    alone and as a cascade (``--upscaler``) side by side."""
+    return Path(run).expanduser() / ("curve-cascade.json" if cfg.upscaler else "curve.json")
 
 
 def _settings(cfg: EvalConfig) -> dict:

@@ -26,7 +26,7 @@ from ..core.schedules import DiscreteSchedule
 from ..errors import DreamlabError, ModelNotFoundError
 from ..models.bundle import ModelBundle, SuperResolution
 from ..models.space import PixelSpace, VAESpace
-from ..models.text import Pooling
+from ..models.text import Pooling, TextEncoder
 from .files import folder_hashes, use_safetensors
 from .text_encoders import load_folder_encoder, load_minilm
 
@@ -81,13 +81,22 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
 ) -> ModelBundle:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     explicit = path is not None
     root = Path(path).expanduser() if explicit else default_model_dir()
     spec = _read_spec(root)
     if spec.cascade is not None:
         return _load_cascade(root, spec, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return _load_folder(root, spec, explicit=explicit, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def _load_folder(
+    root: Path, spec: ModelSpec, *, explicit: bool = True, device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32, allow_pickle: bool = False, text_encoder: TextEncoder | None = None,
+) -> ModelBundle:
+    """One model folder. ``text_encoder``: an encoder already loaded for what ``spec`` names (a cascade's
+    two stages share the packaged one), used instead of loading it again."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     if not (root / "unet").is_dir():
         if explicit:
             raise ModelNotFoundError(f"no model at {root} (expected a diffusers-format folder with unet/)")
@@ -118,6 +127,8 @@ def load_model(
     te = spec.text_encoder
     if int(unet.config.cross_attention_dim or 0) == 0:
         text_encoder = None
+    elif text_encoder is not None:
+        pass
     elif te.source == "minilm":
         text_encoder = load_minilm(te.max_length or 32, device=str(device))
     else:
@@ -168,19 +179,31 @@ def _read_spec(root: Path) -> ModelSpec:
 def _load_cascade(root: Path, spec: ModelSpec, **kw) -> ModelBundle:
     """A base model whose images a super-resolution stage enlarges (Ho et al. 2021)."""
     assert spec.cascade is not None
-    base = load_model(root / spec.cascade.base, **kw)
-    sr = load_model(root / spec.cascade.sr, **kw)
-    if base.sr is not None or base.upscaler is not None:
-        raise DreamlabError(f"{root}: the base of a cascade must be a text-to-image model")
-    if sr.sr is None:
-        raise DreamlabError(f"{root / spec.cascade.sr} is not a super-resolution stage (its dreamlab.json has no super_resolution)")
-    if sr.sample_size % base.sample_size:
-        raise DreamlabError(f"{root}: the SR stage's size {sr.sample_size} is not a multiple of the base's {base.sample_size}")
-    te_base, te_sr = _read_spec(root / spec.cascade.base).text_encoder, _read_spec(root / spec.cascade.sr).text_encoder
-    if te_base.source == "minilm" and te_base == te_sr:
-        sr.text_encoder = base.text_encoder  # the same packaged encoder: one copy in memory, not two
-    base.upscaler = sr
+    base_spec, sr_spec = _read_spec(root / spec.cascade.base), _read_spec(root / spec.cascade.sr)
+    base = _load_folder(root / spec.cascade.base, base_spec, **kw)
+    same_encoder = base_spec.text_encoder.source == "minilm" and base_spec.text_encoder == sr_spec.text_encoder
+    # the same packaged encoder: loaded (and its hash checked) once, one copy in memory
+    sr = _load_folder(root / spec.cascade.sr, sr_spec, text_encoder=base.text_encoder if same_encoder else None, **kw)
+    attach_upscaler(base, sr, str(root))
     base.name = spec.name or root.name
     base.source = str(root.resolve())
     base.files = folder_hashes(root)
     return base
+
+
+def attach_upscaler(base: ModelBundle, sr: ModelBundle, where: str) -> None:
+    """Make ``base`` a cascade whose images ``sr`` enlarges, after checking that the pair fits."""
+    if base.sr is not None or base.upscaler is not None:
+        raise DreamlabError(f"{where}: the base of a cascade must be a text-to-image model")
+    if sr.sr is None:
+        raise DreamlabError(f"{where}: {sr.source} is not a super-resolution stage (its dreamlab.json has no super_resolution)")
+    if sr.sample_size % base.sample_size:
+        raise DreamlabError(f"{where}: the SR stage's size {sr.sample_size} is not a multiple of the base's {base.sample_size}")
+    base.upscaler = sr
+
+
+def super_resolution_dir(path: str | Path) -> Path:
+    """The super-resolution model folder at ``path``: the folder itself, or a cascade's SR stage."""
+    root = Path(path).expanduser()
+    spec = _read_spec(root)
+    return root / spec.cascade.sr if spec.cascade is not None else root
