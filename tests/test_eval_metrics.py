@@ -164,3 +164,28 @@ def test_ship_refuses_a_folder_that_is_not_a_model(tmp_path, judge_dir, capsys):
 
     assert main(["ship", "--model", str(tmp_path), "--judge", str(judge_dir), "--dest", str(tmp_path / "w")]) == 2
     assert "not a dreamlab model folder" in capsys.readouterr().err
+
+
+def test_eval_on_training_prompts_measures_the_generalisation_gap(tmp_path, tiny_dir, judge_dir, capsys):
+    """--prompts-from train: renderings the model was trained on, spread over the set; unknown values named."""
+    import json
+
+    from dreamlab.cli import main
+    from dreamlab.data.dataset import EmojiDataset
+    from dreamlab.eval.evaluate import training_prompts
+
+    train = EmojiDataset(FIXTURE, split="train")
+    picks = training_prompts(train, 6)
+    assert picks == training_prompts(train, 6) and len(picks) == 6
+    assert all(r["skin_tone"] is None for r in picks)
+    assert len({(r["base"], r["style"]) for r in picks}) == 6
+    held_out = {(r["base"], r["style"]) for r in EmojiDataset(FIXTURE, split="test").records}
+    assert not held_out & {(r["base"], r["style"]) for r in picks}
+    assert picks != [r for r in train.records if r["skin_tone"] is None][:6]  # not just the first ones
+
+    common = ["--data", str(FIXTURE), "--judge", str(judge_dir), "--prompts", "2", "--per-prompt", "1", "--steps", "2"]
+    assert main(["eval", "--model", str(tiny_dir), "--prompts-from", "train", "--json", str(tmp_path / "e.json"), *common]) == 0
+    assert "model (training prompts)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["settings"]["prompts_from"] == "train"
+    assert main(["eval", "--model", str(tiny_dir), "--prompts-from", "seen", *common]) == 2
+    assert "--prompts-from 'seen'" in capsys.readouterr().err

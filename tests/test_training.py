@@ -123,3 +123,30 @@ def test_unet_training_continues_from_an_exported_model_when_checkpoints_are_los
     assert [json.loads(l)["step"] for l in (second / "log.jsonl").read_text().splitlines()] == [3]
     training = json.loads((model2 / "dreamlab.json").read_text())["training"]
     assert training["steps"] == 3 and training["train_hours"] > hours
+
+
+def test_concept_sampling_gives_each_emoji_and_style_an_equal_share():
+    """Skin-tone variants share their concept's share; "image" sampling is uniform over images."""
+    from dreamlab.data.dataset import EmojiDataset
+    from dreamlab.train.unet import sampling_weights
+
+    records = [{"base": "1F44B", "style": "google"}] * 5 + [{"base": "1F34E", "style": "google"},
+                                                            {"base": "1F34E", "style": "twitter"}]
+    w = sampling_weights(records, "concept")
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w[:5].sum().item() == pytest.approx(1 / 3) and w[5].item() == pytest.approx(1 / 3)
+    assert torch.allclose(sampling_weights(records, "image"), torch.full((7,), 1 / 7, dtype=torch.float64))
+    train = EmojiDataset(FIXTURE, split="train").records  # the fixture: every concept equally likely
+    w = sampling_weights(train, "concept")
+    shares: dict = {}
+    for r, p in zip(train, w.tolist()):
+        shares[(r["base"], r["style"])] = shares.get((r["base"], r["style"]), 0.0) + p
+    assert max(shares.values()) == pytest.approx(min(shares.values()))
+
+
+def test_unknown_sampling_is_named():
+    from dreamlab.errors import DreamlabError
+    from dreamlab.train.unet import UNetConfig, check_config
+
+    with pytest.raises(DreamlabError, match="--sampling 'uniform'"):
+        check_config(UNetConfig(data="d", vae="v", out="o", sampling="uniform"))

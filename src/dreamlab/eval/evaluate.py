@@ -5,6 +5,10 @@ Prompts are the canonical captions ("red apple, twitter style") of the held-out 
 alignment counts a generated image as correct when the judge's top-1 / top-5 classes contain the
 prompt's emoji. FID/KID compare generated images with the held-out real ones; the ceiling compares an
 equal number of training images with them.
+
+``prompts_from="train"`` asks for renderings the model was trained on instead (training concepts in their
+trained style): set beside the default score, it separates how well the model has learnt its training
+set from how well it carries a concept over to the style it never saw it in (the generalisation gap).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from ..data.captions import canonical_caption
 from ..data.dataset import EmojiDataset
 from ..data.emoji import DEFAULT_DATA_DIR
-from ..errors import ModelNotFoundError
+from ..errors import DreamlabError, ModelNotFoundError
 from ..images import resize
 from ..loading.files import sha256_file
 from .judge import judge_outputs, load_judge
@@ -45,6 +49,10 @@ class EvalConfig:
     sampler: str = "dpmpp_2m"
     cfg_scale: float = 4.0
     seed: int = 0
+    prompts_from: str = "test"  # "test": held-out renderings (the score); "train": trained ones (the gap)
+
+
+PROMPT_SPLITS = ("test", "train")
 
 
 def _images(ds: EmojiDataset, records: list[dict]) -> torch.Tensor:
@@ -63,6 +71,16 @@ def held_out_prompts(test: EmojiDataset, n: int) -> list[dict]:
     return chosen[:n]
 
 
+def training_prompts(train: EmojiDataset, n: int) -> list[dict]:
+    """``n`` training renderings without skin tone, spread over the whole set by a hash of their code and
+    style (the training split is ordered by category, so its first records would all be smileys)."""
+    from hashlib import sha256
+
+    recs = [r for r in train.records if r["skin_tone"] is None]
+    recs.sort(key=lambda r: sha256(f"{r['base']}/{r['style']}".encode()).digest())
+    return recs[:n]
+
+
 class _Evaluator:
     """The judge, the held-out real features and the ceiling, computed once for any number of models."""
 
@@ -71,8 +89,10 @@ class _Evaluator:
         self.judge, bases, _ = load_judge(cfg.judge)
         self.pos = {b: i for i, b in enumerate(bases)}
         data = Path(cfg.data).expanduser()
+        if cfg.prompts_from not in PROMPT_SPLITS:
+            raise DreamlabError(f"--prompts-from {cfg.prompts_from!r}: must be one of {', '.join(PROMPT_SPLITS)}")
         self.test = EmojiDataset(data, split="test")
-        train = EmojiDataset(data, split="train")
+        self.train = train = EmojiDataset(data, split="train")
         real_test = _images(self.test, self.test.records)
         self.side = int(real_test.shape[-1])
         self.upscaler = None
@@ -99,7 +119,10 @@ class _Evaluator:
         if cfg.upscaler:
             self.upscaler = self.upscaler or load_model(cfg.upscaler)  # once for all the snapshots of a run
             attach_upscaler(model, self.upscaler, f"--upscaler {cfg.upscaler}")
-        prompts = held_out_prompts(self.test, cfg.prompts)
+        if cfg.prompts_from == "train":
+            prompts = training_prompts(self.train, cfg.prompts)
+        else:
+            prompts = held_out_prompts(self.test, cfg.prompts)
         generated, labels = [], []
         t0 = time.time()
         for i, r in enumerate(tqdm(prompts, desc="generating", leave=False)):
@@ -182,11 +205,14 @@ def evaluate_run(cfg: EvalConfig, run: str | Path) -> list[dict]:
 def curve_file(cfg: EvalConfig, run: str | Path) -> Path:
     """Where ``evaluate_run`` keeps a run's curve (``.json``; the plot beside it as ``.png``): the base
     alone and as a cascade (``--upscaler``) side by side."""
-    return Path(run).expanduser() / ("curve-cascade.json" if cfg.upscaler else "curve.json")
+    name = "curve" + ("-cascade" if cfg.upscaler else "") + ("-train-prompts" if cfg.prompts_from == "train" else "")
+    return Path(run).expanduser() / f"{name}.json"
 
 
 def _settings(cfg: EvalConfig) -> dict:
     settings = {k: getattr(cfg, k) for k in ("prompts", "per_prompt", "steps", "sampler", "cfg_scale", "seed")}
+    if cfg.prompts_from != "test":  # (curves measured before this option existed stay valid)
+        settings["prompts_from"] = cfg.prompts_from
     if cfg.upscaler:  # (curves measured before this option existed stay valid)
         settings["upscaler_sha256"] = sha256_file(Path(cfg.upscaler).expanduser() / "unet" / "diffusion_pytorch_model.safetensors")
     return settings
@@ -215,7 +241,8 @@ def plot_curve(points: list[dict], dest: Path) -> None:
 
 def format_table(result: dict) -> str:
     rows = [("", "FID", "KID", "top-1", "top-5")]
-    for name, key in (("model", "model"), ("held-out real (ceiling)", "real_held_out")):
+    model = "model (training prompts)" if result.get("settings", {}).get("prompts_from") == "train" else "model"
+    for name, key in ((model, "model"), ("held-out real (ceiling)", "real_held_out")):
         m = result[key]
         rows.append((name, f"{m['fid']:.2f}", f"{m['kid']:.4f}", f"{m['top1']:.3f}", f"{m['top5']:.3f}"))
     width = [max(len(r[i]) for r in rows) for i in range(5)]

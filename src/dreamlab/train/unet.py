@@ -69,6 +69,9 @@ class UNetConfig:
     prediction: str = "v_prediction"
     cond_dropout: float = 0.1
     captions_per_image: int = 4  # caption variants encoded once and cycled over epochs
+    # "concept": every (emoji, style) pair drawn equally often, its skin-tone variants sharing its share
+    # (skin tones are 49% of the images but 5 renderings of one concept); "image": every image equally
+    sampling: str = "concept"
     max_length: int = 24  # text tokens
     resolution: int = 64  # image side trained on (the emoji are 64x64; 32 = the base of a cascade)
     sr_from: int | None = None  # train a super-resolution stage from images of this side (e.g. 32) to resolution
@@ -88,6 +91,7 @@ class UNetConfig:
 
 
 LATENT_FACTOR = 4  # the emoji autoencoder's downsampling
+SAMPLING = ("concept", "image")
 DEFAULT_SR_NOISE = 50  # conditioning augmentation an exported SR stage samples with (a timestep)
 
 
@@ -193,8 +197,23 @@ def check_config(cfg: UNetConfig) -> None:
         )
     if cfg.sr_from is not None and not (0 < cfg.sr_from < cfg.resolution and cfg.resolution % cfg.sr_from == 0):
         raise DreamlabError(f"--sr-from {cfg.sr_from}: must be smaller than --resolution {cfg.resolution} and divide it")
+    if cfg.sampling not in SAMPLING:
+        raise DreamlabError(f"--sampling {cfg.sampling!r}: must be one of {', '.join(SAMPLING)}")
     if not 0 <= cfg.sr_noise_max < 1000:
         raise DreamlabError(f"--sr-noise-max {cfg.sr_noise_max}: must be a timestep in [0, 999]")
+
+
+def sampling_weights(records: list[dict], how: str) -> torch.Tensor:
+    """Probability of drawing each training image: uniform over images, or (``concept``) uniform over
+    (base emoji, style) pairs, split evenly among a pair's skin-tone variants."""
+    if how == "image":
+        return torch.full((len(records),), 1.0 / max(1, len(records)), dtype=torch.float64)
+    group = [(r["base"], r["style"]) for r in records]
+    counts: dict[tuple, int] = {}
+    for g in group:
+        counts[g] = counts.get(g, 0) + 1
+    w = torch.tensor([1.0 / counts[g] for g in group], dtype=torch.float64)
+    return w / w.sum()
 
 
 def _cache_matches(cfg: UNetConfig, cache: Path) -> bool:
@@ -284,6 +303,11 @@ def train_unet(cfg: UNetConfig) -> Path:
     d.barrier()
     data = load_file(str(cache / "cache.safetensors"))
     n, latent_shape = data["latent_mean"].shape[0], tuple(data["latent_mean"].shape[1:])
+    records = EmojiDataset(Path(cfg.data), split="train").records
+    if len(records) != n:
+        raise DreamlabError(f"the cache in {cache} holds {n} images but {cfg.data} has {len(records)} training images: "
+                            f"delete {cache} to rebuild it")
+    weights = sampling_weights(records, cfg.sampling)
     schedule = DiscreteSchedule.from_diffusers_config(schedule_config(cfg.prediction))
     prediction = Prediction(cfg.prediction)
 
@@ -321,7 +345,7 @@ def train_unet(cfg: UNetConfig) -> Path:
     t_mark = t0
     B = cfg.batch_size
     while step < cfg.steps:
-        idx = torch.randint(n, (B,), generator=gen)
+        idx = torch.multinomial(weights, B, replacement=True, generator=gen)
         variant = torch.randint(cfg.captions_per_image, (B,), generator=gen)
         x0 = data["latent_mean"][idx] + data["latent_std"][idx] * torch.randn(B, *latent_shape, generator=gen)
         rows = variant * n + idx
