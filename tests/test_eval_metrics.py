@@ -164,6 +164,9 @@ def test_ship_refuses_a_folder_that_is_not_a_model(tmp_path, judge_dir, capsys):
 
     assert main(["ship", "--model", str(tmp_path), "--judge", str(judge_dir), "--dest", str(tmp_path / "w")]) == 2
     assert "not a dreamlab model folder" in capsys.readouterr().err
+    (tmp_path / "dreamlab.json").write_text('{"cascade": ')  # corrupt: named, not a JSON traceback
+    assert main(["ship", "--model", str(tmp_path), "--judge", str(judge_dir), "--dest", str(tmp_path / "w")]) == 2
+    assert "dreamlab.json is invalid" in capsys.readouterr().err
 
 
 def test_eval_on_training_prompts_measures_the_generalisation_gap(tmp_path, tiny_dir, judge_dir, capsys):

@@ -148,18 +148,17 @@ class _Evaluator:
 
 def _training_info(model_dir: str | Path | None, upscaler: str | Path | None = None) -> dict:
     """The training a model records (steps, train_hours); for a cascade, both stages' and their total hours."""
-    from ..loading.model import default_model_dir
+    from ..loading.model import default_model_dir, read_spec
 
     root = Path(model_dir).expanduser() if model_dir else default_model_dir()
-    spec = json.loads((root / "dreamlab.json").read_text()) if (root / "dreamlab.json").exists() else {}
+    spec = read_spec(root)
     stages = None
-    if "cascade" in spec:
-        c = spec["cascade"]
-        stages = _training_info(root / c.get("base", "base")), _training_info(root / c.get("sr", "sr"))
+    if spec.cascade is not None:
+        stages = _training_info(root / spec.cascade.base), _training_info(root / spec.cascade.sr)
     elif upscaler:
-        stages = spec.get("training", {}), _training_info(upscaler)
+        stages = spec.training, _training_info(upscaler)
     if stages is None:
-        return spec.get("training", {})
+        return spec.training
     return {"train_hours": sum(s.get("train_hours", 0.0) for s in stages), "base": stages[0], "super_resolution": stages[1]}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -64,6 +64,7 @@ class ModelSpec(BaseModel):
     latent_shift: float | None = None
     super_resolution: SuperResolutionSpec | None = None  # this model is a super-resolution stage
     cascade: CascadeSpec | None = None  # this folder is a cascade of two model folders
+    training: dict[str, Any] = Field(default_factory=dict)  # what the trainer recorded: steps, train_hours, ...
 
 
 def default_model_dir() -> Path:
@@ -83,7 +84,7 @@ def load_model(
 ) -> ModelBundle:
     explicit = path is not None
     root = Path(path).expanduser() if explicit else default_model_dir()
-    spec = _read_spec(root)
+    spec = read_spec(root)
     if spec.cascade is not None:
         return _load_cascade(root, spec, device=device, dtype=dtype, allow_pickle=allow_pickle)
     return _load_folder(root, spec, explicit=explicit, device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -166,7 +167,8 @@ def _load_folder(
     )
 
 
-def _read_spec(root: Path) -> ModelSpec:
+def read_spec(root: Path) -> ModelSpec:
+    """A model folder's ``dreamlab.json``, validated (defaults when there is none); the one reader of it."""
     file = root / "dreamlab.json"
     try:
         return ModelSpec.model_validate_json(file.read_text()) if file.exists() else ModelSpec()
@@ -179,7 +181,7 @@ def _read_spec(root: Path) -> ModelSpec:
 def _load_cascade(root: Path, spec: ModelSpec, **kw) -> ModelBundle:
     """A base model whose images a super-resolution stage enlarges (Ho et al. 2021)."""
     assert spec.cascade is not None
-    base_spec, sr_spec = _read_spec(root / spec.cascade.base), _read_spec(root / spec.cascade.sr)
+    base_spec, sr_spec = read_spec(root / spec.cascade.base), read_spec(root / spec.cascade.sr)
     base = _load_folder(root / spec.cascade.base, base_spec, **kw)
     same_encoder = base_spec.text_encoder.source == "minilm" and base_spec.text_encoder == sr_spec.text_encoder
     # the same packaged encoder: loaded (and its hash checked) once, one copy in memory
@@ -205,5 +207,5 @@ def attach_upscaler(base: ModelBundle, sr: ModelBundle, where: str) -> None:
 def super_resolution_dir(path: str | Path) -> Path:
     """The super-resolution model folder at ``path``: the folder itself, or a cascade's SR stage."""
     root = Path(path).expanduser()
-    spec = _read_spec(root)
+    spec = read_spec(root)
     return root / spec.cascade.sr if spec.cascade is not None else root

@@ -34,7 +34,9 @@ def _fp16_copy(src: Path, dest: Path) -> None:
 
 def ship(model: str | Path, judge: str | Path, dest: str | Path = WEIGHTS_DIR) -> Path:
     model, judge, dest = Path(model).expanduser(), Path(judge).expanduser(), Path(dest).expanduser()
-    is_cascade = (model / "dreamlab.json").exists() and "cascade" in json.loads((model / "dreamlab.json").read_text())
+    from ..loading.model import read_spec
+
+    is_cascade = (model / "dreamlab.json").exists() and read_spec(model).cascade is not None
     if not ((model / "unet").is_dir() or is_cascade) or not (model / "dreamlab.json").exists():
         raise ModelNotFoundError(f"{model} is not a dreamlab model folder (unet/, vae/, scheduler/, dreamlab.json) or cascade")
     if not (judge / "judge.safetensors").exists():
