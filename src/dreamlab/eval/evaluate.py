@@ -85,12 +85,12 @@ class _Evaluator:
     """The judge, the held-out real features and the ceiling, computed once for any number of models."""
 
     def __init__(self, cfg: EvalConfig):
+        if cfg.prompts_from not in PROMPT_SPLITS:  # before anything is loaded
+            raise DreamlabError(f"--prompts-from {cfg.prompts_from!r}: must be one of {', '.join(PROMPT_SPLITS)}")
         self.cfg = cfg
         self.judge, bases, _ = load_judge(cfg.judge)
         self.pos = {b: i for i, b in enumerate(bases)}
         data = Path(cfg.data).expanduser()
-        if cfg.prompts_from not in PROMPT_SPLITS:
-            raise DreamlabError(f"--prompts-from {cfg.prompts_from!r}: must be one of {', '.join(PROMPT_SPLITS)}")
         self.test = EmojiDataset(data, split="test")
         self.train = train = EmojiDataset(data, split="train")
         real_test = _images(self.test, self.test.records)

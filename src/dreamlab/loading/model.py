@@ -128,11 +128,9 @@ def _load_folder(
     te = spec.text_encoder
     if int(unet.config.cross_attention_dim or 0) == 0:
         text_encoder = None
-    elif text_encoder is not None:
-        pass
-    elif te.source == "minilm":
+    elif text_encoder is None and te.source == "minilm":
         text_encoder = load_minilm(te.max_length or 32, device=str(device))
-    else:
+    elif text_encoder is None:
         text_encoder = load_folder_encoder(
             root, max_length=te.max_length, pooling=te.pooling, device=str(device), allow_pickle=allow_pickle
         )

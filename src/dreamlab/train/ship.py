@@ -36,7 +36,7 @@ def ship(model: str | Path, judge: str | Path, dest: str | Path = WEIGHTS_DIR) -
     model, judge, dest = Path(model).expanduser(), Path(judge).expanduser(), Path(dest).expanduser()
     from ..loading.model import read_spec
 
-    is_cascade = (model / "dreamlab.json").exists() and read_spec(model).cascade is not None
+    is_cascade = read_spec(model).cascade is not None  # (no dreamlab.json: the defaults, not a cascade)
     if not ((model / "unet").is_dir() or is_cascade) or not (model / "dreamlab.json").exists():
         raise ModelNotFoundError(f"{model} is not a dreamlab model folder (unet/, vae/, scheduler/, dreamlab.json) or cascade")
     if not (judge / "judge.safetensors").exists():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 import shutil
 import time
 from dataclasses import dataclass
@@ -209,9 +210,7 @@ def sampling_weights(records: list[dict], how: str) -> torch.Tensor:
     if how == "image":
         return torch.full((len(records),), 1.0 / max(1, len(records)), dtype=torch.float64)
     group = [(r["base"], r["style"]) for r in records]
-    counts: dict[tuple, int] = {}
-    for g in group:
-        counts[g] = counts.get(g, 0) + 1
+    counts = Counter(group)
     w = torch.tensor([1.0 / counts[g] for g in group], dtype=torch.float64)
     return w / w.sum()
 
