@@ -150,3 +150,71 @@ def test_unknown_sampling_is_named():
 
     with pytest.raises(DreamlabError, match="--sampling 'uniform'"):
         check_config(UNetConfig(data="d", vae="v", out="o", sampling="uniform"))
+
+
+def test_pooled_text_path_added_to_a_trained_model_starts_as_a_no_op(tmp_path):
+    """--pooled-text on --init weights without it: the new projection starts at zero, so the model still
+    draws what it drew; the exported folder loads and samples through the pooled path."""
+    from dreamlab.generate import generate, make_request
+    from dreamlab.loading.model import load_model
+    from dreamlab.train.unet import UNetConfig, train_unet
+
+    tiny = dict(data=str(FIXTURE), vae=str(make_tiny_vae(tmp_path / "vae")), batch_size=2, block_out_channels=(32, 32),
+                captions_per_image=1, log_every=1, ckpt_every=1, sample_every=1000, device="cpu")
+    before = train_unet(UNetConfig(out=str(tmp_path / "plain"), steps=2, **tiny))
+    after = train_unet(UNetConfig(out=str(tmp_path / "pooled"), steps=3, init=str(before), lr=1e-12, pooled_text=True, **tiny))
+    a, b = load_model(before), load_model(after)
+    assert a.unet.config.class_embed_type is None and b.unet.config.class_embed_type == "projection"
+    req = make_request(prompt="red apple", seed=3, steps=4, cfg_scale=3.0)
+    assert torch.allclose(generate(a, req).pixels, generate(b, req).pixels, atol=1e-4)
+    # and the path learns: trained from scratch at the usual rate, its output layer leaves zero
+    scratch = train_unet(UNetConfig(out=str(tmp_path / "scratch"), steps=2, pooled_text=True, **tiny))
+    assert load_model(scratch).unet.class_embedding.linear_2.weight.abs().sum() > 0
+
+
+def test_init_weights_of_another_shape_are_named(tmp_path):
+    from dreamlab.errors import DreamlabError
+    from dreamlab.train.unet import UNetConfig, train_unet
+
+    tiny = dict(data=str(FIXTURE), vae=str(make_tiny_vae(tmp_path / "vae")), batch_size=2, captions_per_image=1,
+                log_every=1, ckpt_every=1, sample_every=1000, device="cpu")
+    model = train_unet(UNetConfig(out=str(tmp_path / "a"), steps=1, block_out_channels=(32, 32), **tiny))
+    with pytest.raises(DreamlabError, match="do not fit this network"):
+        train_unet(UNetConfig(out=str(tmp_path / "b"), steps=3, init=str(model), block_out_channels=(32, 64), **tiny))
+
+
+def test_pooled_text_is_refused_for_a_super_resolution_stage():
+    from dreamlab.errors import DreamlabError
+    from dreamlab.train.unet import UNetConfig, check_config
+
+    with pytest.raises(DreamlabError, match="--pooled-text"):
+        check_config(UNetConfig(data="d", vae="v", out="o", resolution=64, sr_from=32, pooled_text=True))
+
+
+def test_boolean_training_options_are_switches():
+    from dreamlab.cli import build_parser
+
+    parse = lambda *extra: build_parser().parse_args(["train", "unet", "--data", "d", "--vae", "v", "--out", "o", *extra])  # noqa: E731
+    assert parse().pooled_text is False
+    assert parse("--pooled-text").pooled_text is True
+    assert parse("--pooled-text", "--no-pooled-text").pooled_text is False
+
+
+def test_a_unet_taking_a_pooled_embedding_needs_an_encoder_that_gives_one(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from dreamlab.errors import DreamlabError
+    from dreamlab.generate import generate, make_request
+    from dreamlab.loading.model import load_model
+    from dreamlab.models.tiny import make_tiny_model
+
+    root = make_tiny_model(tmp_path / "m")
+    cfg = {**UNet2DConditionModel.load_config(root / "unet"), "class_embed_type": "projection",
+           "projection_class_embeddings_input_dim": 16}
+    UNet2DConditionModel.from_config(cfg).save_pretrained(root / "unet")
+    assert generate(load_model(root), make_request(prompt="red apple", steps=2)).pixels.isfinite().all()
+    spec = json.loads((root / "dreamlab.json").read_text())
+    spec["text_encoder"]["pooling"] = "none"
+    (root / "dreamlab.json").write_text(json.dumps(spec))
+    with pytest.raises(DreamlabError, match="pooled prompt embedding of width 16 .* gives none"):
+        load_model(root)

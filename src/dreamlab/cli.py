@@ -106,6 +106,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, required: tuple[str
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is dataclasses.MISSING else f.default
         kind = str(f.type)
+        if kind == "bool":  # --name / --no-name
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"default: {'on' if default else 'off'}")
+            continue
         if "tuple[int" in kind:
             conv = lambda v: tuple(int(p) for p in v.split(","))  # noqa: E731
         elif "tuple[str" in kind:

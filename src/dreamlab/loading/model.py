@@ -140,6 +140,14 @@ def _load_folder(
             f"{unet.config.cross_attention_dim} in {root}"
         )
 
+    if unet.config.class_embed_type == "projection":  # the pooled prompt embedding, added to the timestep's
+        pooled_dim = None if text_encoder is None or getattr(text_encoder, "pooling", "mean") == "none" else text_encoder.dim
+        if pooled_dim != unet.config.projection_class_embeddings_input_dim:
+            raise DreamlabError(
+                f"the UNet in {root} adds a pooled prompt embedding of width "
+                f"{unet.config.projection_class_embeddings_input_dim} to its timestep embedding, but its text encoder "
+                + ("gives none" if pooled_dim is None else f"gives one of width {pooled_dim}")
+            )
     sample_size = spec.sample_size or int(unet.config.sample_size) * space.factor
     sr = None
     if spec.super_resolution is not None:

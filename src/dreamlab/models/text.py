@@ -52,10 +52,16 @@ class TransformersTextEncoder:
         out = self.model(input_ids=ids, attention_mask=mask)
         tokens: Tensor = out.last_hidden_state
         if self.pooling == "mean":
-            m = mask.unsqueeze(-1).to(tokens.dtype)
-            pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1)
+            pooled = masked_mean(tokens, mask)
         elif self.pooling == "pooler":
             pooled = out.pooler_output
         else:
             pooled = None
         return Cond(tokens=tokens, mask=mask, pooled=pooled)
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """(B, L, D) token states, (B, L) mask -> (B, D) mean over the real tokens: the "mean" pooling, shared
+    by the encoder and the trainer (which pools the token states it cached)."""
+    m = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * m).sum(1) / m.sum(1).clamp_min(1)

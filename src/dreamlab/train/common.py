@@ -161,17 +161,32 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, ema: EMA) 
 
 
 def resume(
-    out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, d: Dist, init: str | None = None
+    out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, d: Dist, init: str | None = None,
+    new_modules: tuple[str, ...] = (),
 ) -> int:
     """Load the last complete checkpoint into model, optimizer and EMA; the step to continue from.
 
     Without a checkpoint, ``init`` (a diffusers folder of weights, e.g. the EMA weights committed as a
     fallback when the full checkpoints are lost) seeds the model and its EMA; the optimizer starts fresh.
+    Parameters whose names start with one of ``new_modules`` may be missing from ``init`` (a path added to
+    a trained model): they keep the values the model was built with. Anything else that does not match
+    is an error naming it.
     """
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None:
         if init:
-            model.load_state_dict(type(model).from_pretrained(init).state_dict())
+            state = type(model).from_pretrained(init).state_dict()
+            missing = [k for k in model.state_dict() if k not in state and not k.startswith(new_modules)]
+            unexpected = [k for k in state if k not in model.state_dict()]
+            if missing or unexpected:
+                raise DreamlabError(
+                    f"--init {init}: its weights do not fit this network (missing {missing[:3]}, unexpected "
+                    f"{unexpected[:3]}): check --block-out-channels, --layers-per-block and the other shape options"
+                )
+            try:
+                model.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # same names, other shapes
+                raise DreamlabError(f"--init {init}: its weights do not fit this network: {str(e).splitlines()[-1].strip()}") from None
             ema.__init__(model, ema.decay)
             if d.main:
                 print(f"initialised from {init}")

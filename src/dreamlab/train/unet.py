@@ -35,6 +35,7 @@ from ..data.captions import caption
 from ..data.dataset import EmojiDataset
 from ..errors import DreamlabError, ModelNotFoundError
 from ..images import grid, resize
+from ..models.text import masked_mean
 from .common import (
     EMA,
     Dist,
@@ -81,6 +82,9 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (64, 128, 192)
     layers_per_block: int = 1
     attention_head_dim: int = 8
+    # the pooled prompt embedding (mean of the text encoder's token states) projected and added to the
+    # timestep embedding, so that every resolution sees the prompt, the 16x16 one (no cross-attention) too
+    pooled_text: bool = False
     init: str | None = None  # when --out has no checkpoint: a unet or model folder to start from (a model folder continues its step count)
     ema_decay: float = 0.999  # a ~1,000-step window: runs here are thousands of steps, not hundreds of thousands
     ckpt_every: int = 200
@@ -102,12 +106,17 @@ def build_unet(cfg: UNetConfig, cross_dim: int = 384):
     n = len(cfg.block_out_channels)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
     up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
-    sr = {"class_embed_type": "timestep"} if cfg.sr_from else {}  # the augmentation level, embedded like t
-    return UNet2DConditionModel(
+    if cfg.sr_from:
+        extra = {"class_embed_type": "timestep"}  # the augmentation level, embedded like t
+    elif cfg.pooled_text:
+        extra = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": cross_dim}
+    else:
+        extra = {}
+    unet = UNet2DConditionModel(
         sample_size=cfg.resolution // LATENT_FACTOR,
         in_channels=8 if cfg.sr_from else 4,  # SR: noisy latents + latents of the upsampled low-res image
         out_channels=4,
-        **sr,
+        **extra,
         block_out_channels=tuple(cfg.block_out_channels),
         down_block_types=down,
         up_block_types=up,
@@ -116,6 +125,12 @@ def build_unet(cfg: UNetConfig, cross_dim: int = 384):
         cross_attention_dim=cross_dim,
         norm_num_groups=32,
     )
+    if cfg.pooled_text:
+        # Zero output layer: the new path starts as a no-op, so it can be added to a trained model
+        # (--init from one without it) without disturbing what that model already does.
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.weight)
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.bias)
+    return unet
 
 
 def schedule_config(prediction: str) -> dict:
@@ -198,6 +213,8 @@ def check_config(cfg: UNetConfig) -> None:
         )
     if cfg.sr_from is not None and not (0 < cfg.sr_from < cfg.resolution and cfg.resolution % cfg.sr_from == 0):
         raise DreamlabError(f"--sr-from {cfg.sr_from}: must be smaller than --resolution {cfg.resolution} and divide it")
+    if cfg.sr_from and cfg.pooled_text:
+        raise DreamlabError("--pooled-text: a super-resolution stage's class embedding already carries its noise level")
     if cfg.sampling not in SAMPLING:
         raise DreamlabError(f"--sampling {cfg.sampling!r}: must be one of {', '.join(SAMPLING)}")
     if not 0 <= cfg.sr_noise_max < 1000:
@@ -233,10 +250,10 @@ class _Net(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x_t, t, tokens, mask, concat=None, noise_level=None):
+    def forward(self, x_t, t, tokens, mask, concat=None, class_labels=None):
         if concat is not None:
             x_t = torch.cat([x_t, concat], dim=1)
-        return self.unet(x_t, t, encoder_hidden_states=tokens, encoder_attention_mask=mask, class_labels=noise_level).sample
+        return self.unet(x_t, t, encoder_hidden_states=tokens, encoder_attention_mask=mask, class_labels=class_labels).sample
 
 
 def export_model(
@@ -315,7 +332,8 @@ def train_unet(cfg: UNetConfig) -> Path:
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     init_dir, init_training = init_source(cfg.init)
-    step = resume(out, unet, opt, ema, d, init_dir)
+    # --init from a model without the pooled-text path: that path keeps its no-op initialisation
+    step = resume(out, unet, opt, ema, d, init_dir, new_modules=("class_embedding.",) if cfg.pooled_text else ())
     # Compute spent so far (wall seconds of training, summed over sessions): the x axis of the
     # alignment-vs-compute curve.
     last = latest_checkpoint(out)
@@ -359,9 +377,11 @@ def train_unet(cfg: UNetConfig) -> Path:
             level = torch.randint(cfg.sr_noise_max + 1, (B,), generator=gen)
             concat = q_sample(data["lowres_latent"][idx], level, torch.randn(x0.shape, generator=gen), schedule)
             concat, level = concat.to(d.device), level.to(d.device)
+        if cfg.pooled_text:  # exactly the encoder's "mean" pooling, of the cached token states
+            level = masked_mean(tokens, mask)
         x0, tokens, mask, t, noise = (v.to(d.device) for v in (x0, tokens, mask, t, noise))
         x_t = q_sample(x0, t, noise, schedule)
-        pred = net(x_t, t, tokens, mask, concat, level)
+        pred = net(x_t, t, tokens, mask, concat, level.to(d.device) if level is not None else None)
         loss = l_simple(pred, x0, noise, t, schedule, prediction, min_snr_gamma=cfg.min_snr_gamma)
         update(loss, unet, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         step += 1
