@@ -218,3 +218,21 @@ def test_a_unet_taking_a_pooled_embedding_needs_an_encoder_that_gives_one(tmp_pa
     (root / "dreamlab.json").write_text(json.dumps(spec))
     with pytest.raises(DreamlabError, match="pooled prompt embedding of width 16 .* gives none"):
         load_model(root)
+
+
+def test_bf16_mixed_precision_trains_and_unknown_values_are_named(tmp_path):
+    from dreamlab.errors import DreamlabError
+    from dreamlab.train.unet import UNetConfig, check_config, train_unet
+
+    with pytest.raises(DreamlabError, match="--mixed-precision 'fp8'"):
+        check_config(UNetConfig(data="d", vae="v", out="o", mixed_precision="fp8"))
+    out = tmp_path / "run"
+    model = train_unet(UNetConfig(data=str(FIXTURE), vae=str(make_tiny_vae(tmp_path / "vae")), out=str(out), steps=2,
+                                  batch_size=2, block_out_channels=(32, 32), captions_per_image=1, log_every=1,
+                                  sample_every=1000, device="cpu", mixed_precision="bf16"))
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 0 and r["loss"] == r["loss"] for r in log)  # finite, not NaN
+    from safetensors.torch import load_file
+
+    weights = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float32}  # master weights stay float32
