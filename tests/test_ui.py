@@ -79,8 +79,14 @@ def test_the_form_becomes_a_request(tmp_path):
     assert req.strength == 0.9 and mask[:, :8].max() == 0 and mask[:, 8:].min() == 255
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(req.init_image)))), np.asarray(rgba()))
 
+    req = build_request(**{**FORM, "mode": "upscale"}, lowres_path=str(path), noise_level=30)
+    assert base64.b64decode(req.lowres_image) == path.read_bytes() and req.noise_level == 30
+    assert req.width is None and req.height is None  # the output is the upload enlarged by the model's factor
+
     with pytest.raises(InvalidRequestError, match="image to image: upload a source image first"):
         build_request(**{**FORM, "mode": "img2img"})
+    with pytest.raises(InvalidRequestError, match="upscale: upload the image to enlarge first"):
+        build_request(**{**FORM, "mode": "upscale"})
     with pytest.raises(InvalidRequestError, match=r"^steps: .*; cfg_scale: ") as e:
         build_request(**{**FORM, "steps": 0, "cfg_scale": -1})
     assert "\n" not in str(e.value)
@@ -136,8 +142,9 @@ def test_generate_queues_in_the_job_store_and_streams_progress(tiny, tmp_path, n
     store = app.state.server.store
     store.set_progress = slowed(store.set_progress)
     with TestClient(app) as client:
-        # prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height, init, strength, editor, strength
-        events = call(client, ["red apple", "blurry", "euler", "karras", 6, 4, 3, 2, 16, 16, None, 0.75, None, 1.0])
+        # prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height, init, strength, editor, strength,
+        # lowres image, noise level
+        events = call(client, ["red apple", "blurry", "euler", "karras", 6, 4, 3, 2, 16, 16, None, 0.75, None, 1.0, None, 0])
         assert events[-1][0] == "complete"
         status = [e[0] for _, e in events]
         # progress runs over the whole batch: 2 images x 6 steps
@@ -155,7 +162,7 @@ def test_generate_queues_in_the_job_store_and_streams_progress(tiny, tmp_path, n
             assert np.array_equal(shown, np.asarray(Image.open(io.BytesIO(client.get(image["url"]).content))))
 
         # the server's limits apply, as for POST /api/jobs: an error event, no job
-        events = call(client, ["x", "", "euler", "karras", 6, 4, 2**63 - 1, 2, 16, 16, None, 0.75, None, 1.0])
+        events = call(client, ["x", "", "euler", "karras", 6, 4, 2**63 - 1, 2, 16, 16, None, 0.75, None, 1.0, None, 0])
         assert events[-1][0] == "error" and "seed + batch - 1 exceeds" in json.dumps(events[-1][1])
         assert len(client.get("/api/jobs").json()["items"]) == 1
     time.sleep(0.2)  # a background thread (analytics, version check) would have asked by now
@@ -168,3 +175,22 @@ def slowed(set_progress, seconds=0.05):
         set_progress(*args, **kwargs)
 
     return wrapper
+
+
+def test_a_super_resolution_model_gets_an_upscale_tab_that_enlarges_an_upload(tmp_path):
+    sr = load_model(make_tiny_model(tmp_path / "sr", sample_size=16, sr_from=8))
+    app = create_app(sr, tmp_path / "data")
+    with TestClient(app) as client:
+        tabs = {c["props"].get("elem_id"): c["props"].get("visible") for c in client.get("/config").json()["components"]
+                if c.get("type") == "tabitem"}
+        assert tabs == {"tab-upscale": True, "tab-txt2img": False, "tab-img2img": False, "tab-inpaint": False}
+        buf = io.BytesIO()
+        rgba((8, 8)).save(buf, format="PNG")
+        (path,) = client.post("/gradio_api/upload", files={"files": ("low.png", buf.getvalue(), "image/png")}).json()
+        upload = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        events = call(client, ["red apple", "", "euler", "karras", 3, 4, 5, 1, 64, 64, None, 0.75, None, 1.0, upload, 20])
+        assert events[-1][0] == "complete", events[-1]
+        (item,) = events[-1][1][2]
+        assert Image.open(item["image"]["path"]).size == (16, 16)  # 2x the upload; the Width/Height sliders ignored
+        (job,) = client.get("/api/jobs").json()["items"]
+        assert job["request"]["noise_level"] == 20 and job["request"]["width"] is None

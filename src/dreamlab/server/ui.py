@@ -100,9 +100,12 @@ def build_request(
     img2img_strength: float = 0.75,
     editor: dict[str, Any] | None = None,
     inpaint_strength: float = 1.0,
+    lowres_path: str | None = None,
+    noise_level: float | None = None,
 ) -> GenerationRequest:
     """The form's values -> a validated GenerationRequest (the schema's checks; the server's come at submit).
-    Seed blank or negative: random. img2img sends the uploaded file's bytes as they are."""
+    Seed blank or negative: random. img2img and upscale send the uploaded file's bytes as they are; upscale
+    leaves width and height out, so the output is the image enlarged by the model's factor."""
     fields: dict[str, Any] = {
         "prompt": prompt or "",
         "negative_prompt": negative_prompt or "",
@@ -124,6 +127,12 @@ def build_request(
         source, mask = editor_inputs(editor)
         fields["init_image"], fields["mask_image"] = png_b64(source), png_b64(mask)
         fields["strength"] = float(inpaint_strength)
+    elif mode == "upscale":
+        if not lowres_path:
+            raise InvalidRequestError("upscale: upload the image to enlarge first")
+        fields["lowres_image"] = base64.b64encode(Path(lowres_path).read_bytes()).decode("ascii")
+        fields["noise_level"] = None if noise_level is None else int(noise_level)
+        del fields["width"], fields["height"]
     elif mode != "txt2img":
         raise InvalidRequestError(f"unknown mode {mode!r}")
     try:
@@ -168,11 +177,11 @@ def build_ui(srv: Server) -> gr.Blocks:
         return items, ids
 
     async def run(mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
-                  init_path, img2img_strength, editor, inpaint_strength) -> AsyncIterator[tuple]:
+                  init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level) -> AsyncIterator[tuple]:
         """Submit like POST /api/jobs, then follow the job: (progress, preview, results, job id)."""
         try:
             req = build_request(mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
-                                init_path, img2img_strength, editor, inpaint_strength)
+                                init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level)
             job = await asyncio.to_thread(srv.submit, req)
         except (DreamlabError, QueueFullError) as e:
             raise gr.Error(str(e), print_exception=False) from None
@@ -239,7 +248,8 @@ def build_ui(srv: Server) -> gr.Blocks:
         return items, ids, None, ""
 
     with gr.Blocks(title="dreamlab", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        mode = gr.State("txt2img")
+        is_sr = model.sr is not None  # a super-resolution model only enlarges images: its own tab, no others
+        mode = gr.State("upscale" if is_sr else "txt2img")
         job_id = gr.State(None)
         gallery_ids = gr.State([])
         selected = gr.State(None)
@@ -249,15 +259,23 @@ def build_ui(srv: Server) -> gr.Blocks:
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2, max_length=limits.max_prompt_chars, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", max_length=limits.max_prompt_chars, elem_id="negative")
-                with gr.Tabs(elem_id="modes"):
-                    with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img") as tab_txt:
+                with gr.Tabs(elem_id="modes", selected="upscale" if is_sr else "txt2img"):
+                    with gr.Tab("Upscale", id="upscale", elem_id="tab-upscale", visible=is_sr) as tab_up:
+                        lowres = gr.Image(label="Image to enlarge", type="filepath", image_mode=None,
+                                          sources=["upload", "clipboard"], height=280, elem_id="lowres-image")
+                        sr_factor = model.sample_size // model.sr.from_size if is_sr else 1
+                        gr.Markdown(f"Enlarged {sr_factor}x, guided by the prompt; Width and Height are ignored.")
+                        noise_level = gr.Slider(0, 999, value=model.sr.noise_level if is_sr else 0, step=1,
+                                                label="Noise level (augmentation of the input: higher repairs more, keeps less)",
+                                                elem_id="noise-level")
+                    with gr.Tab("Text to image", id="txt2img", elem_id="tab-txt2img", visible=not is_sr) as tab_txt:
                         gr.Markdown("From noise, guided by the prompt.")
-                    with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img") as tab_img:
+                    with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img", visible=not is_sr) as tab_img:
                         init = gr.Image(label="Source image", type="filepath", image_mode=None,
                                         sources=["upload", "clipboard"], height=280, elem_id="init-image")
                         img2img_strength = gr.Slider(0, 1, value=0.75, step=0.01, label="Strength (share of the schedule re-run)",
                                                      elem_id="img2img-strength")
-                    with gr.Tab("Inpainting", id="inpaint", elem_id="tab-inpaint") as tab_inp:
+                    with gr.Tab("Inpainting", id="inpaint", elem_id="tab-inpaint", visible=not is_sr) as tab_inp:
                         editor = gr.ImageEditor(
                             label="Source image: paint the region to repaint", type="pil", image_mode="RGBA",
                             sources=["upload", "clipboard"], layers=False, transforms=(),
@@ -300,10 +318,10 @@ def build_ui(srv: Server) -> gr.Blocks:
             params = gr.Textbox(label="Selected image: parameters", lines=3, interactive=False, scale=4, elem_id="params")
             delete_btn = gr.Button("Delete selected", variant="stop", scale=1, elem_id="delete")
 
-        for tab, name in ((tab_txt, "txt2img"), (tab_img, "img2img"), (tab_inp, "inpaint")):
+        for tab, name in ((tab_txt, "txt2img"), (tab_img, "img2img"), (tab_inp, "inpaint"), (tab_up, "upscale")):
             tab.select(lambda name=name: name, None, mode, queue=False, show_progress="hidden", api_visibility="private")
         inputs = [mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
-                  init, img2img_strength, editor, inpaint_strength]
+                  init, img2img_strength, editor, inpaint_strength, lowres, noise_level]
         gen = generate.click(run, inputs, [progress, preview, results, job_id], show_progress="hidden",
                              concurrency_limit=None, api_name="generate")
         gen.then(refresh, search, [gallery, gallery_ids, selected], show_progress="hidden", api_visibility="private")
