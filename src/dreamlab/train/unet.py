@@ -86,8 +86,8 @@ class UNetConfig:
     # timestep embedding, so that every resolution sees the prompt, the 16x16 one (no cross-attention) too
     pooled_text: bool = False
     init: str | None = None  # when --out has no checkpoint: a unet or model folder to start from (a model folder continues its step count)
-    # "bf16": the forward pass under bfloat16 autocast (weights, optimiser and EMA stay float32): about
-    # 1.2x faster on CPUs with AVX512-BF16 and on GPUs (benchmarks/train_step.py)
+    # "bf16": the forward pass under bfloat16 autocast (weights, optimiser and EMA stay float32); for GPUs.
+    # On this project's 2-core CPU (AVX512-BF16) it gains only 1.03x at 2 threads (benchmarks/train_step.py)
     mixed_precision: str = "no"
     ema_decay: float = 0.999  # a ~1,000-step window: runs here are thousands of steps, not hundreds of thousands
     ckpt_every: int = 200
