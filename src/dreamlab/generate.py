@@ -202,7 +202,7 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
     if model.sr is not None and req.lowres_image is not None and not (req.width or req.height):
         # enlarge the given image by the model's factor (its header is read, not its pixels)
         w, h = open_image(image_bytes(req.lowres_image, "lowres_image"), "lowres_image", load=False).size
-        width, height = w * _sr_factor(model), h * _sr_factor(model)
+        width, height = w * sr_factor(model), h * sr_factor(model)
     k = _upscale(model)
     f = model.space.factor * k
     if model.upscaler is not None:
@@ -218,8 +218,8 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
     if model.sr is not None:
         if req.lowres_image is None:
             raise InvalidRequestError(f"{model.name} is a super-resolution model: give it a lowres_image to enlarge")
-        if width % _sr_factor(model) or height % _sr_factor(model):
-            raise InvalidRequestError(f"size {width}x{height} is not divisible by the model's upscaling {_sr_factor(model)}")
+        if width % sr_factor(model) or height % sr_factor(model):
+            raise InvalidRequestError(f"size {width}x{height} is not divisible by the model's upscaling {sr_factor(model)}")
         if req.init_image is not None:
             raise InvalidRequestError("img2img and inpainting are not supported with a super-resolution model")
     elif model.upscaler is None and (req.lowres_image is not None or req.noise_level is not None):
@@ -232,7 +232,8 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
     return width, height
 
 
-def _sr_factor(model: ModelBundle) -> int:
+def sr_factor(model: ModelBundle) -> int:
+    """How many times a super-resolution model enlarges its input (per side)."""
     assert model.sr is not None
     return max(1, model.sample_size // model.sr.from_size)
 
@@ -331,7 +332,7 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
         # SDEdit (Meng et al. 2021): noise the source to a level part-way down the schedule, denoise from there
         base.sigmas = truncate(base.sigmas, req.strength)
     if model.sr is not None:
-        k_sr = _sr_factor(model)
+        k_sr = sr_factor(model)
         low = _to_tensor(decode_image(req.lowres_image, "lowres_image"), model.space.image_channels, width // k_sr, height // k_sr)
         base.lowres = [resize(low, (height, width))]  # the same input for every image: encoded once
         base.noise_level = _noise_level(model, req)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from ..core.samplers import SAMPLERS
 from ..core.schedules import SPACINGS
 from ..errors import DreamlabError, InvalidRequestError
-from ..generate import GenerationRequest, format_validation_error
+from ..generate import GenerationRequest, format_validation_error, sr_factor
 from .queue import TERMINAL, ImageRecord, QueueFullError
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio: no telemetry, no version check
@@ -263,8 +263,7 @@ def build_ui(srv: Server) -> gr.Blocks:
                     with gr.Tab("Upscale", id="upscale", elem_id="tab-upscale", visible=is_sr) as tab_up:
                         lowres = gr.Image(label="Image to enlarge", type="filepath", image_mode=None,
                                           sources=["upload", "clipboard"], height=280, elem_id="lowres-image")
-                        sr_factor = model.sample_size // model.sr.from_size if is_sr else 1
-                        gr.Markdown(f"Enlarged {sr_factor}x, guided by the prompt; Width and Height are ignored.")
+                        gr.Markdown(f"Enlarged {sr_factor(model) if is_sr else 1}x, guided by the prompt; Width and Height are ignored.")
                         noise_level = gr.Slider(0, 999, value=model.sr.noise_level if is_sr else 0, step=1,
                                                 label="Noise level (augmentation of the input: higher repairs more, keeps less)",
                                                 elem_id="noise-level")

@@ -175,9 +175,9 @@ def resume(
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None:
         if init:
-            state = type(model).from_pretrained(init).state_dict()
-            missing = [k for k in model.state_dict() if k not in state and not k.startswith(new_modules)]
-            unexpected = [k for k in state if k not in model.state_dict()]
+            state, own = type(model).from_pretrained(init).state_dict(), model.state_dict()
+            missing = [k for k in own if k not in state and not k.startswith(new_modules)]
+            unexpected = [k for k in state if k not in own]
             if missing or unexpected:
                 raise DreamlabError(
                     f"--init {init}: its weights do not fit this network (missing {missing[:3]}, unexpected "

@@ -378,17 +378,19 @@ def train_unet(cfg: UNetConfig) -> Path:
         mask[drop] = data["empty_mask"].long()
         t = torch.randint(schedule.num_train_timesteps, (B,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        concat = level = None
+        concat = class_labels = None
         if cfg.sr_from:  # only the text is dropped for CFG; the low-res image is always seen, noised
-            level = torch.randint(cfg.sr_noise_max + 1, (B,), generator=gen)
-            concat = q_sample(data["lowres_latent"][idx], level, torch.randn(x0.shape, generator=gen), schedule)
-            concat, level = concat.to(d.device), level.to(d.device)
-        if cfg.pooled_text:  # exactly the encoder's "mean" pooling, of the cached token states
-            level = masked_mean(tokens, mask)
+            class_labels = torch.randint(cfg.sr_noise_max + 1, (B,), generator=gen)  # the augmentation level
+            concat = q_sample(data["lowres_latent"][idx], class_labels, torch.randn(x0.shape, generator=gen), schedule)
+            concat = concat.to(d.device)
+        elif cfg.pooled_text:  # exactly the encoder's "mean" pooling, of the cached token states
+            class_labels = masked_mean(tokens, mask)
+        if class_labels is not None:
+            class_labels = class_labels.to(d.device)
         x0, tokens, mask, t, noise = (v.to(d.device) for v in (x0, tokens, mask, t, noise))
         x_t = q_sample(x0, t, noise, schedule)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-            pred = net(x_t, t, tokens, mask, concat, level.to(d.device) if level is not None else None)
+            pred = net(x_t, t, tokens, mask, concat, class_labels)
         loss = l_simple(pred.float(), x0, noise, t, schedule, prediction, min_snr_gamma=cfg.min_snr_gamma)
         update(loss, unet, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         step += 1
