@@ -192,3 +192,29 @@ def test_eval_on_training_prompts_measures_the_generalisation_gap(tmp_path, tiny
     assert json.loads((tmp_path / "e.json").read_text())["settings"]["prompts_from"] == "train"
     assert main(["eval", "--model", str(tiny_dir), "--prompts-from", "seen", *common]) == 2
     assert "--prompts-from 'seen'" in capsys.readouterr().err
+
+
+def test_eval_prompts_skip_scores_the_prompts_after_the_scored_ones(tmp_path, tiny_dir, judge_dir, capsys):
+    """--prompts-skip N: the held-out prompts after the first N (a validation set for sampling settings),
+    in the same fixed order; a skip past the end, or a negative one, is named."""
+    import json
+
+    from dreamlab.cli import main
+    from dreamlab.data.dataset import EmojiDataset
+    from dreamlab.eval.evaluate import EvalConfig, curve_file, held_out_prompts
+
+    test = EmojiDataset(FIXTURE, split="test")
+    every = held_out_prompts(test, 10**9)
+    assert held_out_prompts(test, 3 + 2)[3:] == every[3:5]
+    common = ["--data", str(FIXTURE), "--judge", str(judge_dir), "--per-prompt", "1", "--steps", "2"]
+    assert main(["eval", "--model", str(tiny_dir), "--prompts", "2", "--prompts-skip", "1",
+                 "--json", str(tmp_path / "e.json"), *common]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["settings"]["prompts_skip"] == 1 and result["n_generated"] == 2
+    assert curve_file(EvalConfig(prompts_skip=1), tmp_path).name == "curve-skip1.json"
+    assert curve_file(EvalConfig(), tmp_path).name == "curve.json"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_dir), "--prompts-skip", str(len(every)), *common]) == 2
+    assert f"leaves no prompts: the test split gives {len(every)}" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_dir), "--prompts-skip", "-1", *common]) == 2
+    assert "no negative skip" in capsys.readouterr().err

@@ -9,6 +9,10 @@ equal number of training images with them.
 ``prompts_from="train"`` asks for renderings the model was trained on instead (training concepts in their
 trained style): set beside the default score, it separates how well the model has learnt its training
 set from how well it carries a concept over to the style it never saw it in (the generalisation gap).
+
+``prompts_skip=N`` leaves out the first N prompts of that fixed order: sampling settings (the guidance
+scale, the step count) are tuned on prompts 100-183 (``--prompts-skip 100 --prompts 84``), which the
+score (the first 100) never sees.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class EvalConfig:
     cfg_scale: float = 4.0
     seed: int = 0
     prompts_from: str = "test"  # "test": held-out renderings (the score); "train": trained ones (the gap)
+    prompts_skip: int = 0  # leave out the first N prompts: tune settings on prompts the score does not use
 
 
 PROMPT_SPLITS = ("test", "train")
@@ -87,6 +92,8 @@ class _Evaluator:
     def __init__(self, cfg: EvalConfig):
         if cfg.prompts_from not in PROMPT_SPLITS:  # before anything is loaded
             raise DreamlabError(f"--prompts-from {cfg.prompts_from!r}: must be one of {', '.join(PROMPT_SPLITS)}")
+        if cfg.prompts_skip < 0 or cfg.prompts < 1:
+            raise DreamlabError(f"--prompts {cfg.prompts} --prompts-skip {cfg.prompts_skip}: need at least one prompt and no negative skip")
         self.cfg = cfg
         self.judge, bases, _ = load_judge(cfg.judge)
         self.pos = {b: i for i, b in enumerate(bases)}
@@ -119,10 +126,11 @@ class _Evaluator:
         if cfg.upscaler:
             self.upscaler = self.upscaler or load_model(cfg.upscaler)  # once for all the snapshots of a run
             attach_upscaler(model, self.upscaler, f"--upscaler {cfg.upscaler}")
-        if cfg.prompts_from == "train":
-            prompts = training_prompts(self.train, cfg.prompts)
-        else:
-            prompts = held_out_prompts(self.test, cfg.prompts)
+        pick, split = (training_prompts, self.train) if cfg.prompts_from == "train" else (held_out_prompts, self.test)
+        prompts = pick(split, cfg.prompts_skip + cfg.prompts)[cfg.prompts_skip:]
+        if not prompts:
+            raise DreamlabError(f"--prompts-skip {cfg.prompts_skip} leaves no prompts: the {cfg.prompts_from} split "
+                                f"gives {len(pick(split, 10**9))}")
         generated, labels = [], []
         t0 = time.time()
         for i, r in enumerate(tqdm(prompts, desc="generating", leave=False)):
@@ -205,6 +213,7 @@ def curve_file(cfg: EvalConfig, run: str | Path) -> Path:
     """Where ``evaluate_run`` keeps a run's curve (``.json``; the plot beside it as ``.png``): the base
     alone and as a cascade (``--upscaler``) side by side."""
     name = "curve" + ("-cascade" if cfg.upscaler else "") + ("-train-prompts" if cfg.prompts_from == "train" else "")
+    name += f"-skip{cfg.prompts_skip}" if cfg.prompts_skip else ""
     return Path(run).expanduser() / f"{name}.json"
 
 
@@ -212,6 +221,8 @@ def _settings(cfg: EvalConfig) -> dict:
     settings = {k: getattr(cfg, k) for k in ("prompts", "per_prompt", "steps", "sampler", "cfg_scale", "seed")}
     if cfg.prompts_from != "test":  # (curves measured before this option existed stay valid)
         settings["prompts_from"] = cfg.prompts_from
+    if cfg.prompts_skip:  # (likewise)
+        settings["prompts_skip"] = cfg.prompts_skip
     if cfg.upscaler:  # (curves measured before this option existed stay valid)
         settings["upscaler_sha256"] = sha256_file(Path(cfg.upscaler).expanduser() / "unet" / "diffusion_pytorch_model.safetensors")
     return settings
