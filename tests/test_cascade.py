@@ -88,6 +88,13 @@ def test_sr_model_input_changes_the_output(sr):
     assert not torch.equal(a.latents, b.latents)
 
 
+def test_sr_model_takes_a_composed_prompt(sr):
+    """Every part of "a AND b" sees the same low-res input (it rides in Cond.concat, one row per part)."""
+    low = encode_image(_rgba(8, 8))
+    one, two = (generate(sr, make_request(prompt=p, seed=1, steps=2, lowres_image=low)) for p in ("x", "x AND y :0"))
+    torch.testing.assert_close(two.latents, one.latents, rtol=1e-4, atol=1e-4)
+
+
 def test_sr_requests_that_cannot_work_are_refused(sr, tiny):
     with pytest.raises(InvalidRequestError, match="super-resolution model: give it a lowres_image"):
         generate(sr, make_request(prompt="x", steps=2))

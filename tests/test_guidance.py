@@ -279,3 +279,26 @@ def test_gradient_guidance_scale_zero_is_the_prior():
 def test_gradient_guidance_wrong_scale_is_not_the_posterior():
     out, sl = _sample_posterior("heun", 40, 2.0, POST_MEAN, POST_VAR)
     assert not _check(out, POST_MEAN, POST_VAR**2 / (POST_VAR + sl**2), 0.02)
+
+
+@pytest.mark.parametrize("weights,scale", [((1.0, 0.5), 4.0), ((0.7, -0.4, 1.2), 1.0), ((1.0,), 6.0)])
+def test_composed_guidance_sums_each_parts_difference(inputs, weights, scale):
+    """Composable diffusion: x0 = u + s * sum_i w_i (c_i - u), all k + 1 in one batched call; one part of
+    weight 1 is plain CFG, bit for bit."""
+    x, sigma, _, uncond = inputs
+    parts = [Cond(tokens=_tokens(10 + i, offset=0.3 * i)) for i in range(len(weights))]
+    u = toy(x, sigma, uncond)
+    want = u + scale * sum(w * (toy(x, sigma, p) - u) for w, p in zip(weights, parts))
+    counting = Counting()
+    got = classifier_free(counting, uncond, scale, weights=weights)(x, sigma, Cond.cat(parts))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    b = x.shape[0]
+    assert counting.batches == [((len(weights) + 1) * b,) * 3]
+    if weights == (1.0,):
+        assert torch.equal(got, classifier_free(toy, uncond, scale)(x, sigma, parts[0]))
+
+
+def test_composed_guidance_needs_every_part_for_every_image(inputs):
+    x, sigma, cond, uncond = inputs
+    with pytest.raises(ValueError, match="2 parts needs 6 conditioning rows for a batch of 3, got 3"):
+        classifier_free(toy, uncond, 3.0, weights=(1.0, 1.0))(x, sigma, cond)

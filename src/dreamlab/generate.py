@@ -9,6 +9,7 @@ import inspect
 import io
 import math
 import platform
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,36 @@ MAX_STEPS = 1000
 MAX_SIDE = 2048
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGE_B64_CHARS = 12_000_000  # about 9 MB of encoded image
+MAX_PROMPT_PARTS = 8  # composed prompts: each part costs one more network row per step
+MAX_PART_WEIGHT = 10.0
+
+_AND = re.compile(r"\s+AND\s+")
+_WEIGHT = re.compile(r"^(?P<text>.*?)(?:\s+|^):\s*(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+))\s*$", re.DOTALL)
+
+
+def split_prompt(prompt: str) -> list[tuple[str, float]]:
+    """The parts of a composed prompt and their weights: "a cat AND a hat :0.5 AND snow :-1" ->
+    [("a cat", 1.0), ("a hat", 0.5), ("snow", -1.0)] (composable diffusion, Liu et al. 2022; the
+    syntax of the AUTOMATIC1111 web UI). Parts are separated by an upper-case AND between spaces; a
+    weight follows its part after a space and a colon. A prompt without AND is one part, left exactly as
+    written (a colon in it is text). Raises InvalidRequestError for an empty part, more than
+    MAX_PROMPT_PARTS parts, or a weight outside +-MAX_PART_WEIGHT."""
+    pieces = _AND.split(prompt)
+    if len(pieces) == 1:
+        return [(prompt, 1.0)]
+    if len(pieces) > MAX_PROMPT_PARTS:
+        raise InvalidRequestError(f"the prompt composes {len(pieces)} parts with AND; at most {MAX_PROMPT_PARTS}")
+    parts = []
+    for i, piece in enumerate(pieces, 1):
+        m = _WEIGHT.match(piece)
+        text, weight = (m["text"], float(m["weight"])) if m else (piece, 1.0)
+        text = text.strip()
+        if not text:
+            raise InvalidRequestError(f"part {i} of the prompt (between ANDs) is empty")
+        if not abs(weight) <= MAX_PART_WEIGHT:
+            raise InvalidRequestError(f"part {i} of the prompt ({text!r}) has weight {weight}; at most {MAX_PART_WEIGHT} either way")
+        parts.append((text, weight))
+    return parts
 
 
 class GenerationRequest(BaseModel):
@@ -74,6 +105,12 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _known_sampler(cls, v: str) -> str:
         get_sampler(v)  # raises UnknownNameError listing the known ones
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _composable(cls, v: str) -> str:
+        split_prompt(v)  # raises InvalidRequestError naming the bad part
         return v
 
 
@@ -267,8 +304,10 @@ def _run_stage(stage: _Stage, req: GenerationRequest, source, mask, progress) ->
     sampler = get_sampler(req.sampler)
     f = model.space.factor
     shape = (model.space.channels, stage.height // f, stage.width // f)
-    cond = model.encode_prompts([req.prompt])
-    guided = cond is not None and req.cfg_scale != 1.0
+    parts = split_prompt(req.prompt)
+    cond = model.encode_prompts([text for text, _ in parts])
+    weights = [w for _, w in parts] if len(parts) > 1 else None  # composed: one guidance term per part
+    guided = cond is not None and (req.cfg_scale != 1.0 or weights is not None)
     uncond = model.encode_prompts([req.negative_prompt]) if guided else None
     known = model.space.encode(source.to(model.device)) if source is not None else None
     keep = None
@@ -285,11 +324,11 @@ def _run_stage(stage: _Stage, req: GenerationRequest, source, mask, progress) ->
             level = torch.full((1,), stage.noise_level, dtype=torch.long)
             extra = {"noise_level": stage.noise_level}
             low = q_sample(low, level.to(low.device), noise.draw(AUGMENT_STREAM), model.schedule)
-            c = replace(cond, concat=low, extra=extra) if cond is not None else Cond(concat=low, extra=extra)
+            c = replace(cond, concat=torch.cat([low] * len(parts)), extra=extra) if cond is not None else Cond(concat=low, extra=extra)
             u = replace(uncond, concat=low, extra=extra) if uncond is not None else None
         denoise = model.denoiser()
         if guided:
-            denoise = classifier_free(denoise, u, req.cfg_scale, rescale=req.guidance_rescale)
+            denoise = classifier_free(denoise, u, req.cfg_scale, rescale=req.guidance_rescale, weights=weights)
         if req.dynamic_threshold is not None:
             denoise = dynamic_threshold(denoise, req.dynamic_threshold)
         z = noise.initial()

@@ -7,7 +7,7 @@ guidance on eps or v: at a fixed x and sigma, each is an affine function of the 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,15 +16,25 @@ from .prediction import _b
 from .types import Cond, DenoiseFn
 
 
-def classifier_free(denoise: DenoiseFn, uncond: Cond | None, scale: float, *, rescale: float = 0.0) -> DenoiseFn:
+def classifier_free(denoise: DenoiseFn, uncond: Cond | None, scale: float, *, rescale: float = 0.0,
+                    weights: Sequence[float] | None = None) -> DenoiseFn:
     """Classifier-free guidance (Ho & Salimans 2022): x0 = x0_u + scale * (x0_c - x0_u).
 
     ``uncond`` is the conditioning of the empty prompt, or of the negative prompt. Cond and uncond run
     in one batched forward. ``rescale`` (phi in Lin et al. 2023, eq. 15-16) pulls the std of the guided
     eps back towards that of the conditional eps, as diffusers' ``guidance_rescale``.
+
+    ``weights`` (w_1..w_k) composes k conditionings (Liu et al. 2022, "Compositional Visual Generation with
+    Composable Diffusion Models", eq. 9-10): x0 = x0_u + scale * sum_i w_i (x0_i - x0_u); a negative
+    weight steers away from its part. The cond given at each call then holds the k parts stacked along
+    the batch, part-major (rows i*B..(i+1)*B-1 are part i for a batch of B), and all k + 1 predictions
+    run in one batched forward. The rescale's reference is the composed prediction at scale 1.
     """
-    if scale == 1.0 and rescale == 0.0:
+    if scale == 1.0 and rescale == 0.0 and weights is None:
         return denoise
+    parts = 1 if weights is None else len(weights)
+    if parts < 1:
+        raise ValueError("weights must name at least one conditioning")
     if uncond is None:
         raise ValueError("classifier-free guidance needs an unconditional conditioning")
     # (batch size, uncond broadcast to it) and (cond, cat([uncond, cond])): both repeat every step.
@@ -47,8 +57,18 @@ def classifier_free(denoise: DenoiseFn, uncond: Cond | None, scale: float, *, re
         if not batched or batched[0][0] is not cond:
             batched[:] = [(cond, Cond.cat([uncond_for(x.shape[0]), cond]))]
         both = batched[0][1]
-        x0_u, x0_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
-        x0 = x0_u + scale * (x0_c - x0_u)
+        if weights is None:
+            x0_u, x0_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+            x0 = x0_u + scale * (x0_c - x0_u)
+        else:
+            rows = both.tokens.shape[0] if both.tokens is not None else None
+            if rows is not None and rows != (parts + 1) * x.shape[0]:
+                raise ValueError(f"composed guidance of {parts} parts needs {parts * x.shape[0]} conditioning rows "
+                                 f"for a batch of {x.shape[0]}, got {rows - x.shape[0]}")
+            x0_u, *x0_parts = denoise(torch.cat([x] * (parts + 1)), torch.cat([sigma] * (parts + 1)), both).chunk(parts + 1)
+            delta = sum(w * (x0_i - x0_u) for w, x0_i in zip(weights, x0_parts))
+            x0_c = x0_u + delta
+            x0 = x0_u + scale * delta
         if rescale > 0:
             s = _b(sigma, x)
             eps_c, eps_cfg = (x - x0_c) / s, (x - x0) / s
