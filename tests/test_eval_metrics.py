@@ -16,6 +16,10 @@ def test_fid_of_gaussians_matches_the_closed_form():
     # ||mu||^2 + tr(I + 4I - 2 * 2I) = d + d
     assert fid(a, b) == pytest.approx(2 * d, rel=0.02)
     assert fid(a, a) == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="FID needs at least 2 feature vectors in each set, got 1 and 200000"):
+        fid(a[:1], b)
+    with pytest.raises(ValueError, match="KID needs"):
+        kid(a, b[:1])
 
 
 def test_kid_is_near_zero_for_one_distribution_and_positive_otherwise():
@@ -218,3 +222,27 @@ def test_eval_prompts_skip_scores_the_prompts_after_the_scored_ones(tmp_path, ti
     assert f"leaves no prompts: the test split gives {len(every)}" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_dir), "--prompts-skip", "-1", *common]) == 2
     assert "no negative skip" in capsys.readouterr().err
+
+
+def test_eval_prompt_format_asks_each_rendering_another_way(tmp_path, tiny_dir, judge_dir, capsys):
+    """--prompt-format: the same renderings asked by label alone, in the other style, or composed; an
+    unknown field is named before anything loads."""
+    import json
+
+    from dreamlab.cli import main
+    from dreamlab.eval.evaluate import EvalConfig, curve_file, prompt_for
+
+    r = {"label": "waving hand", "style": "twitter", "skin_tone": "medium"}
+    assert prompt_for(r) == "waving hand, medium skin tone, twitter style"
+    assert prompt_for(r, "{label}") == "waving hand, medium skin tone"
+    assert prompt_for(r, "{label}, {other_style}") == "waving hand, medium skin tone, google style"
+    assert prompt_for(r, "{label} AND {style} :0.5") == "waving hand, medium skin tone AND twitter style :0.5"
+    common = ["--data", str(FIXTURE), "--judge", str(judge_dir), "--prompts", "2", "--per-prompt", "1", "--steps", "2"]
+    assert main(["eval", "--model", str(tiny_dir), "--prompt-format", "{label} AND {style}", "--json", str(tmp_path / "e.json"), *common]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["settings"]["prompt_format"] == "{label} AND {style}"
+    assert curve_file(EvalConfig(prompt_format="{label}"), tmp_path).name.startswith("curve-prompts-")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_dir), "--prompt-format", "{name}", *common]) == 2
+    assert "--prompt-format '{name}': 'name' is not a field; use {caption}, {label}, {style}, {other_style}" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_dir), *common, "--prompts", "1"]) == 2  # FID of one image: named, not a LinAlgError
+    assert "FID and KID need at least 2 generated images; 1 prompt(s) x --per-prompt 1 gives 1" in capsys.readouterr().err

@@ -13,10 +13,15 @@ set from how well it carries a concept over to the style it never saw it in (the
 ``prompts_skip=N`` leaves out the first N prompts of that fixed order: sampling settings (the guidance
 scale, the step count) are tuned on prompts 100-183 (``--prompts-skip 100 --prompts 84``), which the
 score (the first 100) never sees.
+
+``prompt_format`` asks each rendering with another prompt built from its fields (PROMPT_FIELDS): the
+score uses ``{caption}``; "{label}" (the concept alone), "{label}, {other_style}" (the style the model
+was trained on it in) and "{label} AND {style}" (a composed prompt) take apart where alignment is lost.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.captions import canonical_caption
+from ..data.captions import CANONICAL_STYLE, canonical_caption, tone_phrase
 from ..data.dataset import EmojiDataset
 from ..data.emoji import DEFAULT_DATA_DIR
 from ..errors import DreamlabError, ModelNotFoundError
@@ -55,9 +60,25 @@ class EvalConfig:
     seed: int = 0
     prompts_from: str = "test"  # "test": held-out renderings (the score); "train": trained ones (the gap)
     prompts_skip: int = 0  # leave out the first N prompts: tune settings on prompts the score does not use
+    prompt_format: str = "{caption}"  # the prompt of each rendering, from PROMPT_FIELDS; the score's is {caption}
 
 
 PROMPT_SPLITS = ("test", "train")
+PROMPT_FIELDS = ("caption", "label", "style", "other_style")
+
+
+def prompt_for(record: dict, fmt: str = "{caption}") -> str:
+    """A rendering's prompt: ``fmt`` filled with its canonical caption ("waving hand, medium skin tone,
+    twitter style"), label with any skin tone ("waving hand, medium skin tone"), style ("twitter style")
+    and the other style ("google style"). Raises DreamlabError naming an unknown field."""
+    label = ", ".join(p for p in (record["label"], tone_phrase(record)) if p)
+    other = next(s for s in CANONICAL_STYLE if s != record["style"])
+    fields = {"caption": canonical_caption(record), "label": label, "style": CANONICAL_STYLE[record["style"]],
+              "other_style": CANONICAL_STYLE[other]}
+    try:
+        return fmt.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise DreamlabError(f"--prompt-format {fmt!r}: {e!s} is not a field; use {{{'}, {'.join(PROMPT_FIELDS)}}}") from None
 
 
 def _images(ds: EmojiDataset, records: list[dict]) -> torch.Tensor:
@@ -92,6 +113,7 @@ class _Evaluator:
     def __init__(self, cfg: EvalConfig):
         if cfg.prompts_from not in PROMPT_SPLITS:  # before anything is loaded
             raise DreamlabError(f"--prompts-from {cfg.prompts_from!r}: must be one of {', '.join(PROMPT_SPLITS)}")
+        prompt_for({"label": "red apple", "style": "google"}, cfg.prompt_format)  # a bad format fails before anything is loaded
         if cfg.prompts_skip < 0 or cfg.prompts < 1:
             raise DreamlabError(f"--prompts {cfg.prompts} --prompts-skip {cfg.prompts_skip}: need at least one prompt and no negative skip")
         self.cfg = cfg
@@ -131,10 +153,13 @@ class _Evaluator:
         if not prompts:
             raise DreamlabError(f"--prompts-skip {cfg.prompts_skip} leaves no prompts: the {cfg.prompts_from} split "
                                 f"gives {len(pick(split, 10**9))}")
+        if len(prompts) * cfg.per_prompt < 2:
+            raise DreamlabError(f"FID and KID need at least 2 generated images; {len(prompts)} prompt(s) x --per-prompt "
+                                f"{cfg.per_prompt} gives {len(prompts) * cfg.per_prompt}")
         generated, labels = [], []
         t0 = time.time()
         for i, r in enumerate(tqdm(prompts, desc="generating", leave=False)):
-            req = make_request(prompt=canonical_caption(r), seed=cfg.seed + i * cfg.per_prompt, batch=cfg.per_prompt,
+            req = make_request(prompt=prompt_for(r, cfg.prompt_format), seed=cfg.seed + i * cfg.per_prompt, batch=cfg.per_prompt,
                                steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
             # the judge sees 64x64: smaller outputs (a cascade's base alone) are enlarged bicubically
             generated.append(resize(generate(model, req).pixels, self.side))
@@ -214,6 +239,8 @@ def curve_file(cfg: EvalConfig, run: str | Path) -> Path:
     alone and as a cascade (``--upscaler``) side by side."""
     name = "curve" + ("-cascade" if cfg.upscaler else "") + ("-train-prompts" if cfg.prompts_from == "train" else "")
     name += f"-skip{cfg.prompts_skip}" if cfg.prompts_skip else ""
+    if cfg.prompt_format != "{caption}":
+        name += "-prompts-" + hashlib.sha256(cfg.prompt_format.encode()).hexdigest()[:8]
     return Path(run).expanduser() / f"{name}.json"
 
 
@@ -223,6 +250,8 @@ def _settings(cfg: EvalConfig) -> dict:
         settings["prompts_from"] = cfg.prompts_from
     if cfg.prompts_skip:  # (likewise)
         settings["prompts_skip"] = cfg.prompts_skip
+    if cfg.prompt_format != "{caption}":  # (likewise)
+        settings["prompt_format"] = cfg.prompt_format
     if cfg.upscaler:  # (curves measured before this option existed stay valid)
         settings["upscaler_sha256"] = sha256_file(Path(cfg.upscaler).expanduser() / "unet" / "diffusion_pytorch_model.safetensors")
     return settings

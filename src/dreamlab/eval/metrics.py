@@ -16,7 +16,13 @@ def _sqrtm_psd(m: Tensor) -> Tensor:
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
+def _check(a: Tensor, b: Tensor, what: str) -> None:
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"{what} needs at least 2 feature vectors in each set, got {len(a)} and {len(b)}")
+
+
 def fid(a: Tensor, b: Tensor) -> float:
+    _check(a, b, "FID")
     a, b = a.double(), b.double()
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = torch.cov(a.T), torch.cov(b.T)
@@ -27,6 +33,7 @@ def fid(a: Tensor, b: Tensor) -> float:
 
 def kid(a: Tensor, b: Tensor, subsets: int = 50, subset_size: int = 500, seed: int = 0) -> tuple[float, float]:
     """Mean and std of the unbiased MMD^2 over random subsets."""
+    _check(a, b, "KID")
     a, b = a.double(), b.double()
     d = a.shape[1]
     m = min(subset_size, len(a), len(b))
