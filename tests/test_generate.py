@@ -210,6 +210,10 @@ def test_composed_prompts_parse_into_weighted_parts():
     assert split_prompt("cats and dogs ANDROID") == [("cats and dogs ANDROID", 1.0)]
     assert split_prompt("16:9 AND x") == [("16:9", 1.0), ("x", 1.0)]
     assert split_prompt("a\nAND b :.5") == [("a", 1.0), ("b", 0.5)]
+    with pytest.raises(InvalidRequestError, match="part 2 of the prompt"):
+        split_prompt("a AND AND b")
+    with pytest.raises(InvalidRequestError, match="part 1 of the prompt"):
+        split_prompt("AND b")
     with pytest.raises(InvalidRequestError, match=r"^prompt: .*part 2 of the prompt \(between ANDs\) is empty"):
         make_request(prompt="a AND  :2 AND c")
     with pytest.raises(InvalidRequestError, match=r"part 1 of the prompt \('a'\) has weight 11.0; at most 10.0"):

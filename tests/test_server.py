@@ -188,6 +188,8 @@ def test_cancel_queued_and_running_jobs(tiny, tmp_path):
         ({"seed": 2**64}, "seed: "),
         ({"nonsense": 1}, "nonsense: Extra inputs are not permitted"),
         ({"prompt": 5}, "prompt: "),
+        ({"prompt": "a AND  AND b"}, "prompt: part 2 of the prompt (between ANDs) is empty"),
+        ({"prompt": " AND ".join("abcdefghi")}, "prompt: the prompt composes 9 parts with AND; at most 8"),
     ],
 )
 def test_bad_requests_get_422_with_a_one_line_message(client, body, needle):

@@ -40,14 +40,14 @@ MAX_IMAGE_B64_CHARS = 12_000_000  # about 9 MB of encoded image
 MAX_PROMPT_PARTS = 8  # composed prompts: each part costs one more network row per step
 MAX_PART_WEIGHT = 10.0
 
-_AND = re.compile(r"\s+AND\s+")
+_AND = re.compile(r"(?<!\S)AND(?!\S)")  # a word of its own: "ANDROID", "bAND" are text
 _WEIGHT = re.compile(r"^(?P<text>.*?)(?:\s+|^):\s*(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+))\s*$", re.DOTALL)
 
 
 def split_prompt(prompt: str) -> list[tuple[str, float]]:
     """The parts of a composed prompt and their weights: "a cat AND a hat :0.5 AND snow :-1" ->
     [("a cat", 1.0), ("a hat", 0.5), ("snow", -1.0)] (composable diffusion, Liu et al. 2022; the
-    syntax of the AUTOMATIC1111 web UI). Parts are separated by an upper-case AND between spaces; a
+    syntax of the AUTOMATIC1111 web UI). Parts are separated by an upper-case AND standing alone; a
     weight follows its part after a space and a colon. A prompt without AND is one part, left exactly as
     written (a colon in it is text). Raises InvalidRequestError for an empty part, more than
     MAX_PROMPT_PARTS parts, or a weight outside +-MAX_PART_WEIGHT."""

@@ -257,7 +257,8 @@ def build_ui(srv: Server) -> gr.Blocks:
                     f"HTTP API under `/api` ([schema](/openapi.json))", elem_id="model-name")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=2, max_length=limits.max_prompt_chars, elem_id="prompt")
+                prompt = gr.Textbox(label="Prompt", lines=2, max_length=limits.max_prompt_chars, elem_id="prompt",
+                                    placeholder='red apple    (compose with AND: "grinning face AND twitter style :0.5")')
                 negative = gr.Textbox(label="Negative prompt", max_length=limits.max_prompt_chars, elem_id="negative")
                 with gr.Tabs(elem_id="modes", selected="upscale" if is_sr else "txt2img"):
                     with gr.Tab("Upscale", id="upscale", elem_id="tab-upscale", visible=is_sr) as tab_up:
