@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text to image")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help='what to draw; compose prompts with AND and weights: "a cat AND a hat :0.5"')
     g.add_argument("-o", "--output", default="out.png", help="PNG path; a batch writes NAME-0.png, NAME-1.png, ...")
     g.add_argument("-n", "--negative", help="negative prompt")
     g.add_argument("--seed", type=int, help="image i of the batch uses seed + i (default: random)")
