@@ -142,8 +142,12 @@ def caption(meta: Mapping[str, Any], rng: random.Random) -> str:
     return ", ".join(parts)
 
 
+def canonical_label(meta: Mapping[str, Any]) -> str:
+    """The label with any skin tone, without the style: "red apple", "waving hand, medium-dark skin tone"."""
+    return ", ".join(p for p in (meta["label"], tone_phrase(meta)) if p)
+
+
 def canonical_caption(meta: Mapping[str, Any]) -> str:
     """The one deterministic prompt for an image, used in evaluation: "red apple, google style",
     "waving hand, medium-dark skin tone, twitter style"."""
-    tone = tone_phrase(meta)
-    return ", ".join(p for p in (meta["label"], tone, CANONICAL_STYLE[meta["style"]]) if p)
+    return f"{canonical_label(meta)}, {CANONICAL_STYLE[meta['style']]}"

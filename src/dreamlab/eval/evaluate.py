@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.captions import CANONICAL_STYLE, canonical_caption, tone_phrase
+from ..data.captions import CANONICAL_STYLE, canonical_caption, canonical_label
 from ..data.dataset import EmojiDataset
 from ..data.emoji import DEFAULT_DATA_DIR
 from ..errors import DreamlabError, ModelNotFoundError
@@ -71,10 +71,9 @@ def prompt_for(record: dict, fmt: str = "{caption}") -> str:
     """A rendering's prompt: ``fmt`` filled with its canonical caption ("waving hand, medium skin tone,
     twitter style"), label with any skin tone ("waving hand, medium skin tone"), style ("twitter style")
     and the other style ("google style"). Raises DreamlabError naming an unknown field."""
-    label = ", ".join(p for p in (record["label"], tone_phrase(record)) if p)
     other = next(s for s in CANONICAL_STYLE if s != record["style"])
-    fields = {"caption": canonical_caption(record), "label": label, "style": CANONICAL_STYLE[record["style"]],
-              "other_style": CANONICAL_STYLE[other]}
+    fields = {"caption": canonical_caption(record), "label": canonical_label(record),
+              "style": CANONICAL_STYLE[record["style"]], "other_style": CANONICAL_STYLE[other]}
     try:
         return fmt.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
