@@ -121,6 +121,15 @@ class _Evaluator:
         data = Path(cfg.data).expanduser()
         self.test = EmojiDataset(data, split="test")
         self.train = train = EmojiDataset(data, split="train")
+        # the same prompts for every model scored (every snapshot of a run): chosen and checked once
+        pick, split = (training_prompts, train) if cfg.prompts_from == "train" else (held_out_prompts, self.test)
+        self.prompts = pick(split, cfg.prompts_skip + cfg.prompts)[cfg.prompts_skip:]
+        if not self.prompts:
+            raise DreamlabError(f"--prompts-skip {cfg.prompts_skip} leaves no prompts: the {cfg.prompts_from} split "
+                                f"gives {len(pick(split, 10**9))}")
+        if len(self.prompts) * cfg.per_prompt < 2:
+            raise DreamlabError(f"FID and KID need at least 2 generated images; {len(self.prompts)} prompt(s) x --per-prompt "
+                                f"{cfg.per_prompt} gives {len(self.prompts) * cfg.per_prompt}")
         real_test = _images(self.test, self.test.records)
         self.side = int(real_test.shape[-1])
         self.upscaler = None
@@ -147,17 +156,9 @@ class _Evaluator:
         if cfg.upscaler:
             self.upscaler = self.upscaler or load_model(cfg.upscaler)  # once for all the snapshots of a run
             attach_upscaler(model, self.upscaler, f"--upscaler {cfg.upscaler}")
-        pick, split = (training_prompts, self.train) if cfg.prompts_from == "train" else (held_out_prompts, self.test)
-        prompts = pick(split, cfg.prompts_skip + cfg.prompts)[cfg.prompts_skip:]
-        if not prompts:
-            raise DreamlabError(f"--prompts-skip {cfg.prompts_skip} leaves no prompts: the {cfg.prompts_from} split "
-                                f"gives {len(pick(split, 10**9))}")
-        if len(prompts) * cfg.per_prompt < 2:
-            raise DreamlabError(f"FID and KID need at least 2 generated images; {len(prompts)} prompt(s) x --per-prompt "
-                                f"{cfg.per_prompt} gives {len(prompts) * cfg.per_prompt}")
         generated, labels = [], []
         t0 = time.time()
-        for i, r in enumerate(tqdm(prompts, desc="generating", leave=False)):
+        for i, r in enumerate(tqdm(self.prompts, desc="generating", leave=False)):
             req = make_request(prompt=prompt_for(r, cfg.prompt_format), seed=cfg.seed + i * cfg.per_prompt, batch=cfg.per_prompt,
                                steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
             # the judge sees 64x64: smaller outputs (a cascade's base alone) are enlarged bicubically
