@@ -32,9 +32,10 @@ def classifier_free(denoise: DenoiseFn, uncond: Cond | None, scale: float, *, re
     """
     if scale == 1.0 and rescale == 0.0 and weights is None:
         return denoise
-    parts = 1 if weights is None else len(weights)
-    if parts < 1:
+    ws = (1.0,) if weights is None else tuple(weights)  # plain CFG: one part of weight 1
+    if not ws:
         raise ValueError("weights must name at least one conditioning")
+    n = len(ws) + 1  # the uncond and the parts, in one forward
     if uncond is None:
         raise ValueError("classifier-free guidance needs an unconditional conditioning")
     # (batch size, uncond broadcast to it) and (cond, cat([uncond, cond])): both repeat every step.
@@ -57,18 +58,14 @@ def classifier_free(denoise: DenoiseFn, uncond: Cond | None, scale: float, *, re
         if not batched or batched[0][0] is not cond:
             batched[:] = [(cond, Cond.cat([uncond_for(x.shape[0]), cond]))]
         both = batched[0][1]
-        if weights is None:
-            x0_u, x0_c = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
-            x0 = x0_u + scale * (x0_c - x0_u)
-        else:
-            rows = both.tokens.shape[0] if both.tokens is not None else None
-            if rows is not None and rows != (parts + 1) * x.shape[0]:
-                raise ValueError(f"composed guidance of {parts} parts needs {parts * x.shape[0]} conditioning rows "
-                                 f"for a batch of {x.shape[0]}, got {rows - x.shape[0]}")
-            x0_u, *x0_parts = denoise(torch.cat([x] * (parts + 1)), torch.cat([sigma] * (parts + 1)), both).chunk(parts + 1)
-            delta = sum(w * (x0_i - x0_u) for w, x0_i in zip(weights, x0_parts))
-            x0_c = x0_u + delta
-            x0 = x0_u + scale * delta
+        rows = both.tokens.shape[0] if both.tokens is not None else None
+        if weights is not None and rows is not None and rows != n * x.shape[0]:
+            raise ValueError(f"composed guidance of {n - 1} parts needs {(n - 1) * x.shape[0]} conditioning rows "
+                             f"for a batch of {x.shape[0]}, got {rows - x.shape[0]}")
+        x0_u, *x0_parts = denoise(torch.cat([x] * n), torch.cat([sigma] * n), both).chunk(n)
+        delta = sum(w * (x0_i - x0_u) for w, x0_i in zip(ws, x0_parts))  # exactly x0_c - x0_u for one part
+        x0 = x0_u + scale * delta
+        x0_c = x0_parts[0] if weights is None else x0_u + delta  # the rescale's reference: guidance at scale 1
         if rescale > 0:
             s = _b(sigma, x)
             eps_c, eps_cfg = (x - x0_c) / s, (x - x0) / s
