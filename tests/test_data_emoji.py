@@ -19,8 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamlab.data import emoji
+from dreamlab.data import catalog, emoji
 from dreamlab.data.captions import MAX_WORDS, approx_tokens, canonical_caption, caption
+from dreamlab.data.catalog import split_of
 from dreamlab.data.dataset import (
     DatasetNotFoundError,
     EmojiDataset,
@@ -46,7 +47,7 @@ def test_fixture_loads_verified_with_shapes_and_alpha(records):
     assert {r["unified"] for r in records} == set(emoji.FIXTURE_EMOJI)
     assert [r["index"] for r in records] == list(range(len(records)))
 
-    images = np.load(FIXTURE / emoji.IMAGES_FILE)
+    images = np.load(FIXTURE / catalog.IMAGES_FILE)
     assert images.dtype == np.uint8 and images.shape == (len(records), 64, 64, 4)
     alpha = images[..., 3]
     assert (alpha == 0).any() and (alpha == 255).any() and ((alpha > 0) & (alpha < 255)).any()
@@ -93,21 +94,21 @@ def test_label_is_cldr_not_unicode_name(records):
 def test_split_holds_out_one_style_of_some_emoji_with_all_its_tones(records):
     by_base: dict[str, dict[str, set[str]]] = {}
     for r in records:
-        assert r["split"] == emoji.split_of(r["base"], r["style"])
+        assert r["split"] == split_of(r["base"], r["style"])
         by_base.setdefault(r["base"], {}).setdefault(r["style"], set()).add(r["split"])
     for styles in by_base.values():
         assert all(len(splits) == 1 for splits in styles.values())  # every tone of (emoji, style) together
         assert "train" in set().union(*styles.values())  # each emoji is seen in training in some style
     assert {r["split"] for r in records} == {"train", "test"}
     # Pinned outcomes: changing the rule silently would move emoji between splits.
-    assert [[emoji.split_of(u, s) for s in ("google", "twitter")] for u in ("1F600", "1F91D", "1F34E", "2764-FE0F")] == [
+    assert [[split_of(u, s) for s in ("google", "twitter")] for u in ("1F600", "1F91D", "1F34E", "2764-FE0F")] == [
         ["train", "test"],
         ["test", "train"],
         ["train", "train"],
         ["train", "train"],
     ]
-    assert emoji.split_of("2764-FE0F", "google") == emoji.split_of("2764", "google") == emoji.split_of("2764-fe0f", "google")
-    held = np.mean([any(emoji.split_of(f"{cp:X}", s) == "test" for s in emoji.STYLES) for cp in range(0x1F300, 0x1FB00)])
+    assert split_of("2764-FE0F", "google") == split_of("2764", "google") == split_of("2764-fe0f", "google")
+    held = np.mean([any(split_of(f"{cp:X}", s) == "test" for s in catalog.STYLES) for cp in range(0x1F300, 0x1FB00)])
     assert 0.07 < held < 0.13
 
 
@@ -135,7 +136,7 @@ def test_canonical_caption_is_deterministic(records):
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
-    for name in (emoji.IMAGES_FILE, emoji.METADATA_FILE):
+    for name in (catalog.IMAGES_FILE, catalog.METADATA_FILE):
         shutil.copy(FIXTURE / name, tmp_path / name)
     with pytest.raises(
         DatasetNotFoundError, match=re.escape(f"no emoji dataset at {tmp_path}; run `dreamlab data emoji`")
@@ -146,11 +147,11 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 
 
 def test_modified_images_fail_verification(tmp_path):
-    for name in (emoji.IMAGES_FILE, emoji.METADATA_FILE, emoji.MANIFEST_FILE):
+    for name in (catalog.IMAGES_FILE, catalog.METADATA_FILE, catalog.MANIFEST_FILE):
         shutil.copy(FIXTURE / name, tmp_path / name)
-    images = np.load(tmp_path / emoji.IMAGES_FILE)
+    images = np.load(tmp_path / catalog.IMAGES_FILE)
     images[0, 0, 0, 0] ^= 1
-    np.save(tmp_path / emoji.IMAGES_FILE, images)
+    np.save(tmp_path / catalog.IMAGES_FILE, images)
     EmojiDataset(tmp_path)  # not hashed without verify
     with pytest.raises(IntegrityError, match=r"images\.npy: sha256 \w+ does not match the manifest"):
         EmojiDataset(tmp_path, verify=True)
@@ -183,7 +184,7 @@ def test_cached_tarball_with_matching_hash_is_reused_without_npm(tmp_path, monke
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     tarball = tmp_path / "emojibase-data-17.0.0.tgz"
     tarball.write_bytes(b"pretend tarball")
-    package = emoji.NpmPackage("emojibase-data", "17.0.0", emoji.sha256_file(tarball), "MIT", "test")
+    package = emoji.NpmPackage("emojibase-data", "17.0.0", catalog.sha256_file(tarball), "MIT", "test")
     assert emoji.fetch_package(package, tmp_path) == tarball
 
 
@@ -238,10 +239,10 @@ def test_errors_are_dreamlab_errors():
 
 
 def test_notice_ships_with_the_fixture():
-    notice = (FIXTURE / emoji.NOTICE_FILE).read_text(encoding="utf-8")
+    notice = (FIXTURE / catalog.NOTICE_FILE).read_text(encoding="utf-8")
     assert "Copyright 2020 Twitter, Inc and other contributors" in notice and "CC-BY 4.0" in notice
-    assert json.loads((FIXTURE / emoji.MANIFEST_FILE).read_text())["subset"] == "fixture"
-    assert os.path.getsize(FIXTURE / emoji.IMAGES_FILE) < 600_000
+    assert json.loads((FIXTURE / catalog.MANIFEST_FILE).read_text())["subset"] == "fixture"
+    assert os.path.getsize(FIXTURE / catalog.IMAGES_FILE) < 600_000
 
 
 def _tarball(path: Path, members: dict[str, bytes]) -> None:
@@ -297,11 +298,10 @@ def fake_cache(tmp_path, monkeypatch) -> Path:
         labels,
         {"package/en/data.json": json.dumps([{"label": "red heart", "hexcode": "2764", "tags": ["love"]}]).encode()},
     )
-    monkeypatch.setitem(
-        emoji.ART_PACKAGES, "twitter", dataclasses.replace(emoji.ART_PACKAGES["twitter"], sha256=emoji.sha256_file(art))
-    )
+    twitter = dataclasses.replace(emoji.ART_PACKAGES["twitter"], sha256=catalog.sha256_file(art))
+    monkeypatch.setitem(emoji.ART_PACKAGES, "twitter", twitter)
     monkeypatch.setattr(
-        emoji, "LABELS_PACKAGE", dataclasses.replace(emoji.LABELS_PACKAGE, sha256=emoji.sha256_file(labels))
+        emoji, "LABELS_PACKAGE", dataclasses.replace(emoji.LABELS_PACKAGE, sha256=catalog.sha256_file(labels))
     )
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     return cache

@@ -1,1 +1,2 @@
-"""Training data: the emoji dataset builder (``emoji``), its captions (``captions``) and loader (``dataset``)."""
+"""Training data: the emoji dataset's format and split rule (``catalog``), its builder (``emoji``), captions
+(``captions``) and loader (``dataset``). Readers import ``catalog``, never the builder."""

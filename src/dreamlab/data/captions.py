@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from dreamlab.data.emoji import Style
+from dreamlab.data.catalog import Style
 
 STYLE_PHRASES: Final[dict[Style, tuple[str, ...]]] = {
     "google": ("google style", "noto style"),

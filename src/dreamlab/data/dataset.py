@@ -1,4 +1,5 @@
-"""Load a built emoji dataset (see ``dreamlab.data.emoji``) for training and evaluation.
+"""Load a built emoji dataset (see ``dreamlab.data.emoji``; its format is ``dreamlab.data.catalog``) for training
+and evaluation.
 
 ``images.npy`` is memory-mapped, so a dataset costs no RAM up front and DataLoader workers share the page
 cache instead of each holding a copy. Images are returned as straight-alpha RGBA in [-1, 1] with no
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dreamlab.data.emoji import (
+from dreamlab.data.catalog import (
     BUILDER_VERSION,
     IMAGES_FILE,
     MANIFEST_FILE,

@@ -32,7 +32,7 @@ import torch
 
 from ..data.captions import CANONICAL_STYLE, canonical_caption, canonical_label
 from ..data.dataset import EmojiDataset
-from ..data.emoji import DEFAULT_DATA_DIR
+from ..data.catalog import DEFAULT_DATA_DIR
 from ..errors import DreamlabError, ModelNotFoundError
 from ..images import resize
 from ..loading.files import sha256_file
