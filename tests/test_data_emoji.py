@@ -11,6 +11,8 @@ import random
 import re
 import shutil
 import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dreamlab
 from dreamlab.data import catalog, emoji
 from dreamlab.data.captions import MAX_WORDS, approx_tokens, canonical_caption, caption
 from dreamlab.data.catalog import split_of
@@ -80,6 +83,28 @@ def test_dataset_items_filters_and_display(records):
     assert np.array_equal(rgb[opaque], rgba[..., :3][opaque])
     with pytest.raises(InvalidRequestError):
         EmojiDataset(FIXTURE, split="val")  # type: ignore[arg-type]
+
+
+def test_reading_a_dataset_does_not_import_the_builder():
+    """The loader and captions share ``catalog`` with the builder, not the builder itself (npm, tarfile, PIL).
+
+    A fresh interpreter, because this one has imported the builder already. torch imports tarfile itself, so
+    past ``dataset`` the builder's own third-party import (PIL) stands in for it.
+    """
+    code = (
+        "import sys\n"
+        "import dreamlab.data.captions\n"
+        "print(sorted(m for m in ('dreamlab.data.emoji', 'tarfile', 'PIL') if m in sys.modules))\n"
+        "import dreamlab.data.dataset\n"
+        "print(sorted(m for m in ('dreamlab.data.emoji', 'PIL') if m in sys.modules))\n"
+        "import dreamlab.data.emoji\n"  # the probe sees the builder once it is imported
+        "print(sorted(m for m in ('dreamlab.data.emoji', 'PIL') if m in sys.modules))\n"
+    )
+    src = str(Path(dreamlab.__file__).resolve().parent.parent)  # this checkout, not whichever one is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (src, os.environ.get("PYTHONPATH"))))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[]", "[]", "['PIL', 'dreamlab.data.emoji']"]
 
 
 def test_label_is_cldr_not_unicode_name(records):
