@@ -1,6 +1,6 @@
 """The web UI: a Gradio Blocks app mounted at ``/`` of the server's FastAPI app (``gr.mount_gradio_app``).
 
-Thin, like the API: it builds a ``GenerationRequest``, submits it through ``Server.submit`` (the same
+Thin, like the API: it builds a ``GenerationRequest``, submits it through ``Service.submit`` (the same
 validation, limits and persistent job queue as ``POST /api/jobs``) and then follows the job in the job store,
 yielding its progress, previews and images. No sampling logic lives here.
 
@@ -38,7 +38,7 @@ import gradio as gr  # noqa: E402  (after the environment above)
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from .app import Server
+    from .service import Service
 
 CONTROL_NOTE = "ControlNet is not in the engine yet"
 GALLERY_PAGE = 48  # images the gallery shows (newest first)
@@ -159,7 +159,7 @@ def _caption(im: ImageRecord) -> str:
 # --- the Blocks app ----------------------------------------------------------------------------------
 
 
-def build_ui(srv: Server) -> gr.Blocks:
+def build_ui(srv: Service) -> gr.Blocks:
     model, limits = srv.model, srv.limits
     f = model.space.factor
     side_max = max(f, limits.max_side - limits.max_side % f)
@@ -339,7 +339,7 @@ def theme() -> gr.themes.Base:
     return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def mount_ui(app: FastAPI, srv: Server, path: str = "/") -> FastAPI:
+def mount_ui(app: FastAPI, srv: Service, path: str = "/") -> FastAPI:
     """Mount the UI on ``app`` (after every API route, so ``/api`` and ``/openapi.json`` keep theirs)."""
     return gr.mount_gradio_app(
         app, build_ui(srv), path=path, theme=theme(), css=CSS, footer_links=[], run_history=False,
