@@ -1,12 +1,14 @@
 """The HTTP API in-process (FastAPI's TestClient runs the app's lifespan, so the worker thread runs):
 jobs, progress, cancellation, validation, limits, the gallery, restarts, and no path traversal; the service
-both faces call (its job follower)."""
+both faces call (its job follower), and the faces importing the service, not each other."""
 
 import asyncio
 import base64
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -439,3 +441,21 @@ def test_follow_reads_the_job_only_when_the_store_changed_and_ends_with_the_fina
     finally:
         srv.stop()
 
+
+def test_the_two_faces_import_the_service_not_each_other():
+    """ui.py never imports app.py (no cycle); app.py imports neither Gradio nor ui.py until create_app mounts
+    the UI (so --no-ui never pays for Gradio); the service knows neither face's framework. Each run imports
+    the modules in order in a fresh interpreter and names the ones of the rest already imported."""
+    code = """if True:
+        import importlib, json, sys
+        for module, absent in json.loads(sys.argv[1]):
+            importlib.import_module(module)
+            print(module, *(m for m in absent if m in sys.modules))"""
+    runs = [
+        [("dreamlab.server.service", ["fastapi", "starlette", "gradio", "dreamlab.server.app", "dreamlab.server.ui"]),
+         ("dreamlab.server.app", ["gradio", "dreamlab.server.ui"])],
+        [("dreamlab.server.ui", ["dreamlab.server.app"])],
+    ]
+    for steps in runs:
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(steps)], capture_output=True, text=True, check=True)
+        assert out.stdout.splitlines() == [module for module, _ in steps], out.stdout
