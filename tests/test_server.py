@@ -1,10 +1,14 @@
 """The HTTP API in-process (FastAPI's TestClient runs the app's lifespan, so the worker thread runs):
-jobs, progress, cancellation, validation, limits, the gallery, restarts, and no path traversal."""
+jobs, progress, cancellation, validation, limits, the gallery, restarts, and no path traversal; the service
+both faces call (its job follower), and the faces importing the service, not each other."""
 
+import asyncio
 import base64
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,7 +19,8 @@ from PIL import Image
 from dreamlab.generate import encode_image, generate, make_request
 from dreamlab.loading.model import load_model
 from dreamlab.metadata import read_manifest
-from dreamlab.server.app import Limits, create_app
+from dreamlab.server.app import create_app
+from dreamlab.server.service import JobFinishedError, Limits, Service
 
 TERMINAL = {"done", "failed", "cancelled"}
 
@@ -397,3 +402,60 @@ def test_super_resolution_jobs_record_their_input_and_respect_the_size_limit(tmp
         assert big.status_code == 422 and "the output would be 48, at most 32" in big.json()["detail"]
         missing = client.post("/api/jobs", json={"prompt": "x", "steps": 2})
         assert missing.status_code == 422 and "lowres_image" in missing.json()["detail"]
+
+
+def test_follow_reads_the_job_only_when_the_store_changed_and_ends_with_the_final_update(tiny, tmp_path):
+    srv = Service(tiny, tmp_path / "data", Limits(), preview_every=0)  # no worker: the job stays queued
+    try:
+        job = srv.submit(make_request(prompt="x", steps=1))
+        reads = []
+        get = srv.store.get
+
+        def counted(job_id, *, with_request=True):
+            if not with_request:  # follow's reads (submit reads the job it made with its request)
+                reads.append(job_id)
+            return get(job_id, with_request=with_request)
+
+        srv.store.get = counted
+
+        async def updates(polls: int) -> list:
+            seen, answers = [], iter([False] * polls + [True])
+
+            async def stop() -> bool:  # "the client went away" after this many polls
+                return next(answers)
+
+            async for update in srv.follow(job.id, poll=0.001, stop=stop):
+                seen.append(update)
+                srv.submit(make_request(prompt="y", steps=1))  # a store change that leaves this job's view as it is
+            return seen
+
+        (update,) = asyncio.run(updates(50))
+        assert (update.view.state, update.view.position, update.final, update.new_preview) == ("queued", 0, False, None)
+        assert reads == [job.id] * 2  # the first look, and once after the other submission; not on each of 50 polls
+        srv.cancel(job.id)
+        (update,) = asyncio.run(updates(50))  # an ended job: its final update at once, then nothing
+        assert update.final and update.view.state == "cancelled" and update.view.position is None
+        with pytest.raises(JobFinishedError, match=f"job {job.id} is already cancelled"):
+            srv.cancel(job.id)
+        assert srv.cancel("0" * 32) is None
+    finally:
+        srv.stop()
+
+
+def test_the_two_faces_import_the_service_not_each_other():
+    """ui.py never imports app.py (no cycle); app.py imports neither Gradio nor ui.py until create_app mounts
+    the UI (so --no-ui never pays for Gradio); the service knows neither face's framework. Each run imports
+    the modules in order in a fresh interpreter and names the ones of the rest already imported."""
+    code = """if True:
+        import importlib, json, sys
+        for module, absent in json.loads(sys.argv[1]):
+            importlib.import_module(module)
+            print(module, *(m for m in absent if m in sys.modules))"""
+    runs = [
+        [("dreamlab.server.service", ["fastapi", "starlette", "gradio", "dreamlab.server.app", "dreamlab.server.ui"]),
+         ("dreamlab.server.app", ["gradio", "dreamlab.server.ui"])],
+        [("dreamlab.server.ui", ["dreamlab.server.app"])],
+    ]
+    for steps in runs:
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(steps)], capture_output=True, text=True, check=True)
+        assert out.stdout.splitlines() == [module for module, _ in steps], out.stdout

@@ -9,7 +9,8 @@ from schemathesis.checks import content_type_conformance, not_a_server_error, re
 
 from dreamlab.loading.model import load_model
 from dreamlab.models.tiny import make_tiny_model
-from dreamlab.server.app import Limits, create_app
+from dreamlab.server.app import create_app
+from dreamlab.server.service import Limits
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from .app import Limits, create_app
+    from .app import create_app
+    from .service import Limits
 
     if args.threads:
         torch.set_num_threads(args.threads)

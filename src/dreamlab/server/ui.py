@@ -1,8 +1,11 @@
-"""The web UI: a Gradio Blocks app mounted at ``/`` of the server's FastAPI app (``gr.mount_gradio_app``).
+"""The web UI, the server's Gradio face: a Blocks app mounted at ``/`` of the server's FastAPI app
+(``gr.mount_gradio_app``).
 
-Thin, like the API: it builds a ``GenerationRequest``, submits it through ``Server.submit`` (the same
-validation, limits and persistent job queue as ``POST /api/jobs``) and then follows the job in the job store,
-yielding its progress, previews and images. No sampling logic lives here.
+Thin, like the HTTP face (``app.py``), and calling the same service (``service.py``; this module never
+imports ``app``): it builds a ``GenerationRequest``, submits it through ``Service.submit`` (the same
+validation, limits and persistent job queue as ``POST /api/jobs``) and then follows the job with
+``Service.follow`` (the loop behind ``GET /api/jobs/{id}/events``), yielding its progress, previews and
+images. Cancel and the gallery go through the service too. No sampling logic lives here.
 
 Offline by construction: analytics and Gradio's version check are off (``GRADIO_ANALYTICS_ENABLED=False``,
 set before Gradio is imported), there is no share link, server-side rendering is off, and the theme uses
@@ -16,7 +19,6 @@ import base64
 import html
 import io
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -28,7 +30,8 @@ from ..core.samplers import SAMPLERS
 from ..core.schedules import SPACINGS
 from ..errors import DreamlabError, InvalidRequestError
 from ..generate import GenerationRequest, format_validation_error, sr_factor
-from .queue import TERMINAL, ImageRecord, QueueFullError
+from .queue import ImageRecord, QueueFullError
+from .service import JobFinishedError, Service
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio: no telemetry, no version check
 os.environ.setdefault("GRADIO_SSR_MODE", "False")  # no Node.js server
@@ -38,12 +41,9 @@ import gradio as gr  # noqa: E402  (after the environment above)
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from .app import Server
-
 CONTROL_NOTE = "ControlNet is not in the engine yet"
 GALLERY_PAGE = 48  # images the gallery shows (newest first)
-POLL_SECONDS = 0.1  # how often a running generation looks at its job
-MAX_FOLLOW_SECONDS = 6 * 3600
+POLL_SECONDS = 0.1  # how often a running generation looks for news of its job (a browser needs no more)
 
 CSS = """
 #preview img, #results img, #gallery img { image-rendering: pixelated; }
@@ -159,7 +159,7 @@ def _caption(im: ImageRecord) -> str:
 # --- the Blocks app ----------------------------------------------------------------------------------
 
 
-def build_ui(srv: Server) -> gr.Blocks:
+def build_ui(srv: Service) -> gr.Blocks:
     model, limits = srv.model, srv.limits
     f = model.space.factor
     side_max = max(f, limits.max_side - limits.max_side % f)
@@ -167,10 +167,10 @@ def build_ui(srv: Server) -> gr.Blocks:
     brush_size = max(1, model.sample_size // 16)  # radius in image pixels ("auto" is huge on small images)
 
     def gallery_items(query: str) -> tuple[list[tuple[str, str]], list[str]]:
-        _, records = srv.store.search_images((query or "")[:200], GALLERY_PAGE, 0)
+        _, records = srv.search_images((query or "")[:200], GALLERY_PAGE, 0)
         items, ids = [], []
         for im in records:
-            path = srv.gallery.image_path(im)
+            path = srv.image_path(im)
             if path is not None:
                 items.append((str(path), _caption(im)))
                 ids.append(im.id)
@@ -185,65 +185,57 @@ def build_ui(srv: Server) -> gr.Blocks:
             job = await asyncio.to_thread(srv.submit, req)
         except (DreamlabError, QueueFullError) as e:
             raise gr.Error(str(e), print_exception=False) from None
-        seen: tuple | None = None
-        shown: bytes | None = None  # the preview last sent
         first = True  # the first update also clears the last run's preview and results
-        deadline = time.monotonic() + MAX_FOLLOW_SECONDS
-        while time.monotonic() < deadline:
-            job = srv.store.get(job.id, with_request=False) or job
-            if job.state in TERMINAL:
-                break
-            progress = srv.store.progress(job.id) if job.state == "running" else None
-            key = (job.state, progress.version if progress else -1, srv.store.position(job))
-            if key != seen:
-                seen = key
-                preview: Any = None if first else gr.skip()
-                if progress is None or progress.total == 0:
-                    bar = progress_html(job.state, text=f"queued: {key[2]} job(s) ahead" if job.state == "queued" else "starting")
-                else:
-                    bar = progress_html("running", progress.step, progress.total, f"step {progress.step} / {progress.total}")
-                    if progress.preview is not None and progress.preview is not shown:
-                        shown = progress.preview
-                        preview = Image.open(io.BytesIO(progress.preview))
-                yield bar, preview, [] if first else gr.skip(), job.id
-                first = False
-            await asyncio.sleep(POLL_SECONDS)
-        if job.state == "done":
-            images = srv.store.images_of(job.id)
-            seeds = ", ".join(str(im.seed) for im in images)
-            results = [(str(p), _caption(im)) for im in images if (p := srv.gallery.image_path(im)) is not None]
-            n = len(images)
+        view, final = None, False
+        async for update in srv.follow(job.id, poll=POLL_SECONDS):
+            view, final = update.view, update.final
+            if final:
+                continue  # the last update (follow ends after it): shown below
+            preview: Any = None if first else gr.skip()
+            if view.total == 0:
+                text = f"queued: {view.position} job(s) ahead" if view.state == "queued" else "starting"
+                bar = progress_html(view.state, text=text)
+            else:
+                bar = progress_html("running", view.step, view.total, f"step {view.step} / {view.total}")
+                if update.new_preview is not None:
+                    preview = Image.open(io.BytesIO(update.new_preview))
+            yield bar, preview, [] if first else gr.skip(), job.id
+            first = False
+        if view is None or not final:  # the follower gave up (the job goes on)
+            state = view.state if view is not None else job.state
+            yield progress_html(state, text=f"{state}: stopped following it (job {job.id})"), gr.skip(), gr.skip(), None
+        elif view.state == "done":
+            seeds = ", ".join(str(im.seed) for im in view.images)
+            results = [(str(p), _caption(im)) for im in view.images if (p := srv.image_path(im)) is not None]
+            n = len(view.images)
             yield (progress_html("done", 1, 1, f"done: {n} image{'s' if n != 1 else ''}, seed {seeds}"),
                    None, results, None)
-        elif job.state in TERMINAL:
-            text = f"{job.state}: {job.error}" if job.error else job.state
-            yield progress_html(job.state, text=text), None, gr.skip(), None
         else:
-            yield progress_html(job.state, text=f"{job.state}: stopped following it (job {job.id})"), gr.skip(), gr.skip(), None
+            text = f"{view.state}: {view.job.error}" if view.job.error else view.state
+            yield progress_html(view.state, text=text), None, gr.skip(), None
 
     def cancel(job_id: str | None) -> str:
-        if job_id and (job := srv.store.get(job_id, with_request=False)) is not None and job.state not in TERMINAL:
-            srv.store.cancel(job_id)
-            return progress_html(job.state, text="cancelling…")
-        return gr.skip()
+        try:
+            job = srv.cancel(job_id) if job_id else None
+        except JobFinishedError:
+            job = None
+        return progress_html(job.state, text="cancelling…") if job is not None else gr.skip()
 
     def refresh(query: str):
         items, ids = gallery_items(query)
         return items, ids, None
 
     def select(ids: list[str], evt: gr.SelectData):
-        from ..metadata import a1111_parameters
-
         if not ids or evt.index is None or evt.index >= len(ids):
             return None, ""
-        im = srv.store.image(ids[evt.index])
+        im = srv.image(ids[evt.index])
         if im is None:
             return None, "(deleted)"
-        return im.id, a1111_parameters(im.manifest)
+        return im.id, srv.parameters(im)
 
     def delete(image_id: str | None, query: str):
         if image_id:
-            srv.gallery.delete(image_id)
+            srv.delete_image(image_id)
         items, ids = gallery_items(query)
         return items, ids, None, ""
 
@@ -339,7 +331,7 @@ def theme() -> gr.themes.Base:
     return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def mount_ui(app: FastAPI, srv: Server, path: str = "/") -> FastAPI:
+def mount_ui(app: FastAPI, srv: Service, path: str = "/") -> FastAPI:
     """Mount the UI on ``app`` (after every API route, so ``/api`` and ``/openapi.json`` keep theirs)."""
     return gr.mount_gradio_app(
         app, build_ui(srv), path=path, theme=theme(), css=CSS, footer_links=[], run_history=False,
