@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -97,7 +98,8 @@ def test_prediction_values_are_diffusers_strings():
 def _true_model(x0: torch.Tensor, pred: Prediction, schedule=SCHED, seen=None):
     """A perfect network for data that is exactly ``x0``: from (x_t, t) it recovers the noise."""
 
-    def model(x_t, t, cond):
+    def model(call):
+        x_t, t = call.x_t, call.t
         if seen is not None:
             seen.append((x_t.clone(), t.clone()))
         frac = t.double() - t.double().floor()
@@ -148,9 +150,10 @@ def test_denoiser_scalar_sigma_and_model_dtype():
     x = x0 + sigma * torch.randn(2, 3, 4, 4, generator=_gen(13))
     dtypes = []
 
-    def model(x_t, t, cond):
+    def model(call):
+        x_t, t = call.x_t, call.t
         dtypes.append(x_t.dtype)
-        return _true_model(x0, Prediction.EPS)(x_t.double(), t, cond).to(x_t.dtype)
+        return _true_model(x0, Prediction.EPS)(replace(call, x_t=x_t.double())).to(x_t.dtype)
 
     got = Denoiser(model, SCHED, Prediction.EPS, model_dtype=torch.bfloat16)(x, torch.tensor(sigma))
     assert dtypes == [torch.bfloat16] and got.dtype == torch.float32
@@ -161,7 +164,8 @@ def test_denoiser_scalar_sigma_and_model_dtype():
 def test_denoiser_raises_on_non_finite_output(bad):
     x = torch.randn(2, 4, 8, 8, generator=_gen(14))
 
-    def model(x_t, t, cond):
+    def model(call):
+        x_t, t = call.x_t, call.t
         out = torch.zeros_like(x_t)
         out[1, 2, 3, 4] = bad
         return out
@@ -178,14 +182,15 @@ def test_denoiser_raises_on_non_finite_output(bad):
 
 def test_denoiser_accepts_finite_half_precision_output_with_a_large_sum():
     x = torch.randn(2, 4, 64, 64, generator=_gen(16)).half()
-    out = Denoiser(lambda x_t, t, c: torch.full_like(x_t, 3.0), SCHED, Prediction.X0)(x, torch.tensor([1.0, 1.0]))
+    out = Denoiser(lambda call: torch.full_like(call.x_t, 3.0), SCHED, Prediction.X0)(x, torch.tensor([1.0, 1.0]))
     assert out.dtype == torch.float16 and bool((out == 3.0).all())
 
 
 def test_denoiser_finite_check_in_half_precision_still_catches_nan():
     x = torch.randn(2, 4, 8, 8, generator=_gen(17)).half()
 
-    def model(x_t, t, cond):
+    def model(call):
+        x_t, t = call.x_t, call.t
         out = torch.zeros_like(x_t)
         out[0, 0, 0, 0] = float("nan")
         return out

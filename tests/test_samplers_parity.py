@@ -51,7 +51,7 @@ def _diffusers_run(sched, unet, tokens, z, seed, **step_kw):
 def _dreamlab_run(name, unet, tokens, x, sigmas, seed, prediction, **opts):
     g = torch.Generator().manual_seed(seed)
     denoise = Denoiser(
-        lambda x_t, t, c: unet(x_t, t, encoder_hidden_states=c.tokens).sample,
+        lambda call: unet(call.x_t, call.t, encoder_hidden_states=call.cond.tokens).sample,
         DiscreteSchedule.from_betas("scaled_linear"),
         prediction,
     )

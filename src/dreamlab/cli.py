@@ -22,7 +22,7 @@ def _output_paths(out: Path, n: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace, model=None) -> int:
     import torch
 
-    from .generate import encode_image, generate, make_request
+    from .generate import INPUTS, encode_image, generate, make_request
     from .loading.model import load_model
     from .metadata import save_png
 
@@ -41,10 +41,8 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
         "height": args.height,
         "batch": args.batch,
         "strength": args.strength,
-        "init_image": encode_image(args.init_image) if args.init_image else None,
-        "mask_image": encode_image(args.mask) if args.mask else None,
-        "lowres_image": encode_image(args.lowres_image) if getattr(args, "lowres_image", None) else None,
         "noise_level": getattr(args, "noise_level", None),
+        **{i.field: encode_image(path) for i in INPUTS if (path := getattr(args, i.dest, None))},
     }
     request = make_request(**{k: v for k, v in fields.items() if v is not None})
     if args.threads:
@@ -211,10 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--batch", type=int)
-    g.add_argument("--init-image", help="img2img / inpainting source image file")
+    from .request import INPUTS
+
+    for inp in INPUTS:
+        g.add_argument(inp.flag, dest=inp.dest, help=inp.help)
     g.add_argument("--strength", type=float, help="img2img: share of the schedule re-run, 0..1 (default 0.75)")
-    g.add_argument("--mask", help="inpainting mask image file: white = repaint")
-    g.add_argument("--lowres-image", help="super-resolution models: the image file to enlarge (see `dreamlab upscale`)")
     g.add_argument("--noise-level", type=int, help="super-resolution: noise added to the low-res input, a timestep 0..999")
     g.add_argument("--model", help="model folder (diffusers format); default: the installed default model")
     g.add_argument("--device", default="cpu")

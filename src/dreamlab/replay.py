@@ -91,54 +91,51 @@ def replay(
     output: str | Path,
     *,
     model_dir: str | Path | None = None,
-    init_image: str | None = None,
-    mask: str | None = None,
-    lowres_image: str | None = None,
+    inputs: dict[str, str | None] | None = None,
     device: str = "cpu",
     allow_pickle: bool = False,
     log=print,
+    **input_files: str | None,
 ) -> ReplayReport:
+    """``inputs`` (or keywords): the files of the request's input images by field or option name
+    (``init_image`` or ``mask`` ...; see ``request.INPUTS``), checked against the recorded sha256."""
     import torch
     from PIL import Image
 
     from . import __version__
     from .generate import generate, make_request
     from .loading.model import load_model
-    from .metadata import read_manifest, save_png
+    from .metadata import read_record, save_png
+    from .request import INPUTS
 
-    manifest = read_manifest(image)
-    fields: dict[str, Any] = dict(manifest["request"])
-    if fields.get("init_image"):
-        fields["init_image"] = resolve_input(fields["init_image"], init_image, "init image", "--init-image")
-    elif init_image:
-        raise DreamlabError("this image was not made from an init image; drop --init-image")
-    if fields.get("mask_image"):
-        fields["mask_image"] = resolve_input(fields["mask_image"], mask, "inpainting mask", "--mask")
-    elif mask:
-        raise DreamlabError("this image was not made with a mask; drop --mask")
-    if fields.get("lowres_image"):
-        fields["lowres_image"] = resolve_input(fields["lowres_image"], lowres_image, "low-res input", "--lowres-image")
-    elif lowres_image:
-        raise DreamlabError("this image was not enlarged from a low-res input; drop --lowres-image")
+    files = {**(inputs or {}), **input_files}
+    manifest = read_record(image)
+    fields: dict[str, Any] = dict(manifest.request)
+    for inp in INPUTS:
+        path = files.get(inp.field, files.get(inp.dest))
+        if fields.get(inp.field):
+            fields[inp.field] = resolve_input(fields[inp.field], path, inp.what, inp.flag)
+        elif path:
+            raise DreamlabError(f"this image was not {inp.made}; drop {inp.flag}")
     request = make_request(**fields)
 
-    source = model_dir or manifest["model"].get("source")
+    source = model_dir or manifest.model.source
     if not source:
         raise DreamlabError("the manifest names no model folder; pass --model DIR")
     model = load_model(source, device=device, allow_pickle=allow_pickle)
-    model_diff = diff_model_files(manifest["model"].get("files", {}), model.files)
+    model_diff = diff_model_files(manifest.model.files, model.files)
     if model_diff:
         log(f"the model in {model.source} differs from the one that made this image:")
         for line in model_diff.lines():
             log("  " + line)
     environment = [
-        f"{what}: recorded {manifest.get(key)}, now {now}"
+        f"{what}: recorded {getattr(manifest, key)}, now {now}"
         for what, key, now in (
             ("dreamlab", "dreamlab_version", __version__),
             ("torch", "torch_version", torch.__version__),
             ("platform", "platform", __import__("platform").machine()),
         )
-        if manifest.get(key) != now
+        if getattr(manifest, key) != now
     ]
     for line in environment:
         log(f"environment differs: {line} (bit-identical replay needs the same versions and machine)")
@@ -156,9 +153,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     r.add_argument("image", help="a PNG made by dreamlab (it carries the manifest)")
     r.add_argument("-o", "--output", default="replay.png", help="where to write the regenerated PNG")
     r.add_argument("--model", help="model folder (default: the folder recorded in the manifest)")
-    r.add_argument("--init-image", help="the img2img / inpainting source the image was made from")
-    r.add_argument("--mask", help="the inpainting mask the image was made with")
-    r.add_argument("--lowres-image", help="the image a super-resolution model enlarged")
+    from .request import INPUTS
+
+    for inp in INPUTS:  # the input images a manifest can record, each by the sha256 of its file
+        r.add_argument(inp.flag, dest=inp.dest, help=f"the {inp.what} the image was made from")
     r.add_argument("--device", default="cpu")
     r.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
     r.set_defaults(func=cmd_replay)
@@ -166,8 +164,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Exit status 0: identical; 1: the pixels differ; 2: an error (as every dreamlab command)."""
-    report = replay(args.image, args.output, model_dir=args.model, init_image=args.init_image, mask=args.mask,
-                    lowres_image=args.lowres_image, device=args.device, allow_pickle=args.allow_pickle)
+    from .request import INPUTS
+
+    report = replay(args.image, args.output, model_dir=args.model, inputs={i.field: getattr(args, i.dest) for i in INPUTS},
+                    device=args.device, allow_pickle=args.allow_pickle)
     print(f"wrote {report.output}")
     if report.identical:
         print(f"identical: all {report.pixels} pixels match {args.image}")

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
 from .schedules import DiscreteSchedule
-from .types import Cond
+from .types import Cond, ModelCall, ModelFn, ModelWrapper
 
 
 class Prediction(str, enum.Enum):
@@ -64,17 +63,25 @@ def convert(out: Tensor, x: Tensor, sigma: Tensor, src: Prediction, dst: Predict
     return from_x0(to_x0(out, x, sigma, src), x, sigma, dst)
 
 
-# (x_t, t, cond) -> output of the network; x_t in the DDPM form, t fractional timesteps (B,)
-ModelFn = Callable[[Tensor, Tensor, Cond | None], Tensor]
+def step_index(sigmas: Tensor, sigma: Tensor) -> int:
+    """The index in a sampler's descending grid of the point nearest ``sigma`` (its first row): the step
+    a controller is at, from the sigma it is called with, never from counting calls."""
+    return int(torch.argmin((sigmas.to(sigma.device, torch.float64) - float(sigma.reshape(-1)[0])).abs()))
 
 
 @dataclass(eq=False)
 class Denoiser:
-    """Adapter: discrete-time network ``model(x_t, t, cond)`` -> ``(x, sigma, cond) -> x0``.
+    """Adapter: discrete-time network -> ``(x, sigma, cond) -> x0``, and the loss that trains it.
 
     Maps sigma to a fractional timestep through the training schedule, scales the input to the DDPM
     form the network was trained on, and converts its prediction to x0. Runs the network in
     ``model_dtype`` if given; returns x0 in the dtype of ``x``.
+
+    ``wrappers`` (model wrappers) see every network call, with the current x_t, t and conditioning, and
+    may add inputs (ControlNet residuals, concatenated latents); ``sigmas``, the sampler's grid, gives each
+    call its step index. Training calls :meth:`loss`, which goes through the same wrappers, network
+    function and schedule (as k-diffusion's ``loss`` and ``forward`` share ``get_scalings``), so a student
+    and its teacher, or a ControlNet and its base, are called exactly as they are at sampling.
     """
 
     model: ModelFn
@@ -82,6 +89,14 @@ class Denoiser:
     prediction: Prediction = Prediction.EPS
     model_dtype: torch.dtype | None = None
     check_finite: bool = True
+    wrappers: tuple[ModelWrapper, ...] = ()
+    sigmas: Tensor | None = None
+
+    def network(self, call: ModelCall) -> Tensor:
+        """The network's raw output for one call, after the model wrappers."""
+        for wrap in self.wrappers:
+            call = wrap(call)
+        return self.model(call)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
@@ -90,7 +105,8 @@ class Denoiser:
         t = self.schedule.sigma_to_t(sigma.float())
         if self.model_dtype is not None:
             x_t = x_t.to(self.model_dtype)
-        out = self.model(x_t, t, cond).to(x.dtype)
+        step = step_index(self.sigmas, sigma) if self.sigmas is not None else None
+        out = self.network(ModelCall(x_t, t, cond, sigma=sigma, step=step)).to(x.dtype)
         # One reduction: the float32 sum is finite iff every element is (barring overflow past 3e38).
         if self.check_finite and not torch.isfinite(out.sum(dtype=torch.float32)):
             raise NonFiniteError(
@@ -98,3 +114,13 @@ class Denoiser:
                 "check the weights and the input, or run in float32"
             )
         return to_x0(out, x, sigma, self.prediction)
+
+    def loss(self, x0: Tensor, noise: Tensor, t: Tensor, cond: Cond | None = None, *,
+             min_snr_gamma: float | None = None) -> Tensor:
+        """L_simple (Ho et al. 2020) at integer training timesteps ``t`` (B,): x_t drawn from q(x_t | x0)
+        with ``noise``, the network called as at sampling, its output against this model's target."""
+        from .objectives import l_simple, q_sample  # (objectives imports Prediction from here)
+
+        x_t = q_sample(x0, t, noise, self.schedule)
+        out = self.network(ModelCall(x_t, t, cond))
+        return l_simple(out.float(), x0, noise, t, self.schedule, self.prediction, min_snr_gamma=min_snr_gamma)

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..core.prediction import Prediction
-from ..core.schedules import DiscreteSchedule
+from ..core.samplers import SAMPLERS
+from ..core.schedules import DiscreteSchedule, Spacing
 from ..errors import DreamlabError, ModelNotFoundError
-from ..models.bundle import ModelBundle, SuperResolution
+from ..models.bundle import CONCAT_INPUTS, Defaults, ModelBundle, ModelInput, SuperResolution
 from ..models.space import PixelSpace, VAESpace
 from ..models.text import Pooling, TextEncoder
 from .files import folder_hashes, use_safetensors
@@ -52,6 +53,23 @@ class CascadeSpec(BaseModel):
     sr: str = Field("sr", pattern=r"^[A-Za-z0-9_.-]+$")
 
 
+class DefaultsSpec(BaseModel):
+    """What the model samples with when a request leaves it unset (a 4-step student is not its teacher)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sampler: str | None = None
+    steps: int | None = Field(None, ge=1, le=1000)
+    cfg_scale: float | None = Field(None, ge=0.0, le=50.0)
+    schedule: Spacing | None = None
+
+    @field_validator("sampler")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None and v not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{v}'; known: {', '.join(sorted(SAMPLERS))}")
+        return v
+
+
 class ModelSpec(BaseModel):
     """Contents of ``dreamlab.json``."""
 
@@ -64,6 +82,10 @@ class ModelSpec(BaseModel):
     latent_shift: float | None = None
     super_resolution: SuperResolutionSpec | None = None  # this model is a super-resolution stage
     cascade: CascadeSpec | None = None  # this folder is a cascade of two model folders
+    defaults: DefaultsSpec = DefaultsSpec()
+    # extra inputs beside the prompt (a super_resolution stage takes "lowres_image" without saying so);
+    # each of lowres_image and source_image adds the latent channels to the UNet's input
+    inputs: list[ModelInput] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict)  # what the trainer recorded: steps, train_hours, ...
 
 
@@ -150,14 +172,17 @@ def _load_folder(
             )
     sample_size = spec.sample_size or int(unet.config.sample_size) * space.factor
     sr = None
+    inputs = tuple(dict.fromkeys(spec.inputs))
     if spec.super_resolution is not None:
         sr = SuperResolution(spec.super_resolution.from_size, spec.super_resolution.noise_level)
+        inputs = tuple(dict.fromkeys(("lowres_image", *inputs)))
         extra = int(unet.config.in_channels) - space.channels
         if extra != space.channels or unet.config.class_embed_type != "timestep":
             raise DreamlabError(
                 f"{root} is described as a super-resolution stage but its UNet does not take one: it needs "
                 f"{2 * space.channels} input channels (has {unet.config.in_channels}) and class_embed_type 'timestep'"
             )
+    _check_channels(root, unet, space, inputs)
     return ModelBundle(
         unet=unet.to(device).eval().requires_grad_(False),
         text_encoder=text_encoder,
@@ -170,7 +195,22 @@ def _load_folder(
         source=str(root.resolve()),
         files=folder_hashes(root),
         sr=sr,
+        defaults=Defaults(**{k: v for k, v in spec.defaults.model_dump().items() if v is not None}),
+        inputs=inputs,
     )
+
+
+def _check_channels(root: Path, unet, space, inputs: tuple[str, ...]) -> None:
+    """The UNet must take the latent channels plus those of every concatenated input its spec declares."""
+    if isinstance(space, PixelSpace):
+        return  # a pixel model's channels are read from its UNet
+    concat = [name for name in inputs if name in CONCAT_INPUTS]
+    want = space.channels * (1 + len(concat))
+    have = int(unet.config.in_channels)
+    if have != want:
+        said = f"declares the input(s) {', '.join(concat)}" if concat else "declares no concatenated input"
+        raise DreamlabError(f"the UNet in {root} takes {have} input channels, but its dreamlab.json {said}: "
+                            f"that needs {want} ({space.channels} latent channels each)")
 
 
 def read_spec(root: Path) -> ModelSpec:

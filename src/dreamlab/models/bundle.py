@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from typing import Literal, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.prediction import Denoiser, Prediction
 from ..core.schedules import DiscreteSchedule
-from ..core.types import Cond
+from ..core.types import Cond, ModelWrapper
 from .space import Space
 from .text import TextEncoder
 from .unet import UNetModelFn
@@ -23,6 +25,24 @@ class SuperResolution:
 
     from_size: int
     noise_level: int
+
+
+# Extra inputs a model may take beside the prompt (its spec declares them; the loader checks its UNet):
+#   lowres_image  a super-resolution stage: latents of the enlarged low-res image, concatenated
+#   source_image  an image-conditioned editor (InstructPix2Pix): latents of the source, concatenated
+#   control       control images for ControlNets (no extra UNet channels)
+ModelInput = Literal["lowres_image", "source_image", "control"]
+CONCAT_INPUTS: tuple[ModelInput, ...] = ("lowres_image", "source_image")  # those that add UNet input channels
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a model samples with when a request does not say (a 4-step student differs from its teacher)."""
+
+    sampler: str = "dpmpp_2m"
+    steps: int = 30
+    cfg_scale: float = 5.0
+    schedule: str = "karras"
 
 
 @dataclass(eq=False)
@@ -39,6 +59,9 @@ class ModelBundle:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, for manifests
     sr: SuperResolution | None = None  # set for a super-resolution stage
     upscaler: "ModelBundle | None" = None  # a cascade: this base model's images are enlarged by this SR stage
+    defaults: Defaults = Defaults()
+    inputs: tuple[ModelInput, ...] = ()  # extra inputs it takes beside the prompt
+    pass_call: bool = False  # attention processors of this view want each ModelCall (set by a patch)
 
     @property
     def device(self) -> torch.device:
@@ -48,10 +71,18 @@ class ModelBundle:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def denoiser(self) -> Denoiser:
+    def denoiser(self, wrappers: Sequence[ModelWrapper] = (), *, sigmas: Tensor | None = None) -> Denoiser:
+        """The model as a denoiser; ``wrappers`` see every network call (ControlNet residuals, concatenated
+        inputs), ``sigmas`` (the sampler's grid) gives each call its step index."""
         return Denoiser(
-            UNetModelFn(self.unet, use_mask=self.use_mask), self.schedule, self.prediction, model_dtype=self.dtype
+            UNetModelFn(self.unet, use_mask=self.use_mask, pass_call=self.pass_call), self.schedule, self.prediction,
+            model_dtype=self.dtype, wrappers=tuple(wrappers), sigmas=sigmas,
         )
+
+    def clone(self) -> "ModelBundle":
+        """A view of this model for one request: it shares the networks (no weights are copied); patches
+        change the view's fields or, undoably, the shared networks (see :mod:`dreamlab.models.patches`)."""
+        return copy.copy(self)
 
     def encode_prompts(self, prompts: list[str]) -> Cond | None:
         if self.text_encoder is None:

@@ -1,29 +1,41 @@
-"""Adapter from a diffusers UNet2DConditionModel to the engine's model function (x_t, t, cond) -> out."""
+"""Adapter from a diffusers UNet2DConditionModel to the engine's network function (a ModelCall -> output).
+
+The one place where a :class:`~dreamlab.core.types.Cond` becomes UNet arguments, for sampling and for
+training alike (the trainers call the UNet through this adapter and ``Denoiser.loss``).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..core.types import Cond
+from ..core.types import ModelCall
 
 
 class UNetModelFn:
-    """Calls a diffusers ``UNet2DConditionModel`` with the fields of a :class:`Cond`.
+    """Calls a diffusers ``UNet2DConditionModel`` (or a DDP wrapping one) with the fields of a ModelCall.
 
     use_mask: pass the text attention mask to cross-attention (our models, trained with it); Stable
     Diffusion was trained attending to padding, so it is called without one.
 
-    A UNet with ``class_embed_type="projection"`` also takes the pooled prompt embedding: projected and
-    added to the timestep embedding, it reaches every resolution, including those without cross-attention.
+    class_labels: a super-resolution stage gets the noise level of its concatenated low-res input
+    (``class_embed_type="timestep"``); a UNet with ``class_embed_type="projection"`` gets the pooled
+    prompt embedding, projected and added to the timestep embedding, so it reaches every resolution,
+    including those without cross-attention.
+
+    pass_call: give attention processors the ModelCall (``cross_attention_kwargs={"call": call}``), so
+    they know the step, sigma and the role of every row; set by the attention-processor patch.
     """
 
-    def __init__(self, unet, *, use_mask: bool = False):
+    def __init__(self, unet, *, use_mask: bool = False, pass_call: bool = False):
         self.unet = unet
         self.use_mask = use_mask
-        self.takes_pooled = getattr(unet.config, "class_embed_type", None) == "projection"
+        self.pass_call = pass_call
+        config = getattr(unet, "module", unet).config  # DDP(unet) in training
+        self.takes_pooled = getattr(config, "class_embed_type", None) == "projection"
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+    def __call__(self, call: ModelCall) -> Tensor:
+        x_t, cond = call.x_t, call.cond
         kwargs = {}
         tokens = None
         if cond is not None:
@@ -32,18 +44,19 @@ class UNetModelFn:
                 x_t = torch.cat([x_t, cond.concat.to(x_t.dtype)], dim=1)
             if self.use_mask and cond.mask is not None:
                 kwargs["encoder_attention_mask"] = cond.mask
-            if "noise_level" in cond.extra:  # a super-resolution stage: the augmentation of its low-res input
-                kwargs["class_labels"] = torch.full((x_t.shape[0],), float(cond.extra["noise_level"]), device=x_t.device)
+            if cond.noise_level is not None:  # a super-resolution stage: the augmentation of its low-res input
+                kwargs["class_labels"] = cond.noise_level.to(x_t.device)
             if self.takes_pooled:
                 if cond.pooled is None:
                     raise ValueError("this UNet adds the pooled prompt embedding to its timestep embedding: the "
                                      "conditioning has no pooled embedding (a text encoder with pooling 'none'?)")
                 kwargs["class_labels"] = cond.pooled.to(x_t.dtype)
-            if cond.control is not None:
-                *down, mid = cond.control
-                kwargs["down_block_additional_residuals"] = tuple(down)
-                kwargs["mid_block_additional_residual"] = mid
+        if call.residuals is not None:
+            kwargs["down_block_additional_residuals"] = tuple(r.to(x_t.dtype) for r in call.residuals.down)
+            kwargs["mid_block_additional_residual"] = call.residuals.mid.to(x_t.dtype)
+        if self.pass_call:
+            kwargs["cross_attention_kwargs"] = {"call": call}
         if tokens is not None:
             tokens = tokens.to(x_t.dtype)
-        return self.unet(x_t, t.float(), encoder_hidden_states=tokens, return_dict=False, **kwargs)[0]
-
+        t = call.t if call.sigma is None else call.t.float()  # training keeps its integer timesteps
+        return self.unet(x_t, t, encoder_hidden_states=tokens, return_dict=False, **kwargs)[0]

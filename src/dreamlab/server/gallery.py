@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..manifest import Manifest
 from ..metadata import save_png
 from .queue import ImageRecord, JobStore
 
@@ -27,27 +28,26 @@ class Gallery:
         self.inputs_dir.mkdir(parents=True, exist_ok=True)
         self.store = store
 
-    def save(self, job_id: str, images: list[Image.Image], manifests: list[dict]) -> list[ImageRecord]:
+    def save(self, job_id: str, images: list[Image.Image], manifests: list[Manifest]) -> list[ImageRecord]:
         """Write the PNGs of a finished job (atomically, each) and return their records."""
         records = []
         now = time.time()
         for i, (image, manifest) in enumerate(zip(images, manifests, strict=True)):
             filename = f"{job_id}-{i}.png"  # job ids are server-made uuid hex
             save_png(image, self.images_dir / filename, manifest)
-            req = manifest["request"]
             records.append(
                 ImageRecord(
                     id=f"{job_id}-{i}",
                     job_id=job_id,
                     idx=i,
                     filename=filename,
-                    prompt=req.get("prompt", ""),
-                    negative_prompt=req.get("negative_prompt", ""),
-                    seed=int(manifest["seed"]),
-                    width=int(manifest["width"]),
-                    height=int(manifest["height"]),
+                    prompt=manifest.prompt,
+                    negative_prompt=manifest.negative_prompt,
+                    seed=manifest.seed,
+                    width=manifest.width,
+                    height=manifest.height,
                     created=now,
-                    manifest=manifest,
+                    manifest=manifest.dump(),
                 )
             )
         return records

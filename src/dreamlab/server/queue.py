@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from ..manifest import Manifest
+
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 
@@ -94,7 +96,11 @@ class ImageRecord:
     width: int
     height: int
     created: float
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: dict[str, Any] = field(repr=False)  # as stored (JSON); ``record`` is the typed form
+
+    @property
+    def record(self) -> Manifest:
+        return Manifest.load(self.manifest)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from PIL import Image
 
 from ..errors import DreamlabError, InvalidRequestError
-from ..generate import INPUT_IMAGES, GenerationRequest, image_bytes, image_sha256, open_image
+from ..generate import INPUT_IMAGES, GenerationRequest, image_bytes, image_sha256, open_image, resolve
 from ..generate import check_request as check_for_model
 from ..models.bundle import ModelBundle
 from .gallery import Gallery
@@ -84,6 +84,7 @@ def check_request(req: GenerationRequest, model: ModelBundle, limits: Limits) ->
     """This server's limits, then the model's constraints (``generate.check_request``: size divisibility,
     eta support, a mask without an init image, seed overflow); every problem in one line."""
     problems = []
+    req = resolve(model, req)  # the model's defaults where the request leaves them unset
     if req.steps > limits.max_steps:
         problems.append(f"steps: at most {limits.max_steps} on this server")
     if req.batch > limits.max_batch:
@@ -184,7 +185,7 @@ class Service:
         """Check ``req`` against this server and the model, then queue it. Raises InvalidRequestError (or
         another DreamlabError) and QueueFullError."""
         check_request(req, self.model, self.limits)
-        data = req.model_dump()
+        data = resolve(self.model, req).model_dump()  # the job records the steps, sampler... it will run with
         if data["seed"] is None:  # fixed now, so a job that restarts makes the same images
             data["seed"] = secrets.randbelow(2**31)
         for key in INPUT_IMAGES:
@@ -228,7 +229,7 @@ class Service:
         if progress is not None:
             step, total = progress.step, progress.total
         elif images:  # the steps actually walked (img2img walks fewer)
-            step = total = len(images[0].manifest["sigmas"]) - 1
+            step = total = len(images[0].record.sigmas) - 1
         return JobView(job=job, step=step, total=total, position=position,
                        preview=progress.preview if progress is not None else None, images=images)
 
@@ -291,7 +292,7 @@ class Service:
         """The image's A1111-compatible parameters text."""
         from ..metadata import a1111_parameters
 
-        return a1111_parameters(image.manifest)
+        return a1111_parameters(image.record)
 
     def delete_image(self, image_id: str) -> bool:
         """Delete the image and its file; False if there was no such image."""

@@ -73,7 +73,7 @@ class Worker:
         try:
             request = GenerationRequest.model_validate(job.request)
             result = generate(self.model, request, on_step=lambda info: self._on_step(job.id, info))
-            records = self.gallery.save(job.id, result.images, result.manifests)
+            records = self.gallery.save(job.id, result.images, result.records)
             self.store.complete(job.id, records)
         except Cancelled:
             self.store.mark_cancelled(job.id)

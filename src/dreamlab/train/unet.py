@@ -20,7 +20,7 @@ import random
 from collections import Counter
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,14 +28,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..core.objectives import l_simple, q_sample
-from ..core.prediction import Prediction
+from ..core.objectives import q_sample
+from ..core.prediction import Denoiser, Prediction
 from ..core.schedules import DiscreteSchedule
 from ..data.captions import caption
 from ..data.dataset import EmojiDataset
 from ..errors import DreamlabError, ModelNotFoundError
 from ..images import grid, resize
+from ..core.types import Cond
 from ..models.text import masked_mean
+from ..models.unet import UNetModelFn
 from .common import (
     EMA,
     Dist,
@@ -249,19 +251,6 @@ def _cache_matches(cfg: UNetConfig, cache: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- training
 
 
-class _Net(torch.nn.Module):
-    """The UNet called with a Cond's fields; one module so DDP sees the whole forward."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x_t, t, tokens, mask, concat=None, class_labels=None):
-        if concat is not None:
-            x_t = torch.cat([x_t, concat], dim=1)
-        return self.unet(x_t, t, encoder_hidden_states=tokens, encoder_attention_mask=mask, class_labels=class_labels).sample
-
-
 def export_model(
     unet_cfg: dict, ema: EMA, vae_dir: Path, dest: Path, cfg: UNetConfig, extra: dict | None = None,
     dtype: torch.dtype = torch.float32,
@@ -354,7 +343,8 @@ def train_unet(cfg: UNetConfig) -> Path:
         if d.main:
             print(f"continuing the step count at {step} ({spent / 3600:.2f} training hours so far)")
     unet.to(d.device).train()
-    net = DDP(_Net(unet)) if d.world > 1 else _Net(unet)
+    # the sampling adapter and preconditioning (Denoiser.loss): the network is called exactly as at sampling
+    denoiser = Denoiser(UNetModelFn(DDP(unet) if d.world > 1 else unet, use_mask=True), schedule, prediction)
     log = Log(out, enabled=d.main)
     log.rewind(step)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank * 7919 + step)
@@ -378,20 +368,16 @@ def train_unet(cfg: UNetConfig) -> Path:
         mask[drop] = data["empty_mask"].long()
         t = torch.randint(schedule.num_train_timesteps, (B,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        concat = class_labels = None
-        if cfg.sr_from:  # only the text is dropped for CFG; the low-res image is always seen, noised
-            class_labels = torch.randint(cfg.sr_noise_max + 1, (B,), generator=gen)  # the augmentation level
-            concat = q_sample(data["lowres_latent"][idx], class_labels, torch.randn(x0.shape, generator=gen), schedule)
-            concat = concat.to(d.device)
-        elif cfg.pooled_text:  # exactly the encoder's "mean" pooling, of the cached token states
-            class_labels = masked_mean(tokens, mask)
-        if class_labels is not None:
-            class_labels = class_labels.to(d.device)
         x0, tokens, mask, t, noise = (v.to(d.device) for v in (x0, tokens, mask, t, noise))
-        x_t = q_sample(x0, t, noise, schedule)
+        cond = Cond(tokens=tokens, mask=mask)
+        if cfg.sr_from:  # only the text is dropped for CFG; the low-res image is always seen, noised
+            level = torch.randint(cfg.sr_noise_max + 1, (B,), generator=gen)  # the augmentation level
+            concat = q_sample(data["lowres_latent"][idx], level, torch.randn(x0.shape, generator=gen), schedule)
+            cond = replace(cond, concat=concat.to(d.device), noise_level=level.to(d.device))
+        elif cfg.pooled_text:  # exactly the encoder's "mean" pooling, of the cached token states
+            cond = replace(cond, pooled=masked_mean(tokens, mask))
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-            pred = net(x_t, t, tokens, mask, concat, class_labels)
-        loss = l_simple(pred.float(), x0, noise, t, schedule, prediction, min_snr_gamma=cfg.min_snr_gamma)
+            loss = denoiser.loss(x0, noise, t, cond, min_snr_gamma=cfg.min_snr_gamma)
         update(loss, unet, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         step += 1
         seen += B * d.world

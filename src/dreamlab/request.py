@@ -1,0 +1,203 @@
+"""The request: the one schema the CLI, HTTP API and web UI all build, its input images, and their codec."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .core.noise import MAX_SEED
+from .core.samplers import get_sampler
+from .core.schedules import Spacing
+from .errors import InvalidRequestError
+
+MAX_BATCH = 16
+MAX_STEPS = 1000
+MAX_SIDE = 2048
+MAX_PROMPT_CHARS = 2000
+MAX_IMAGE_B64_CHARS = 12_000_000  # about 9 MB of encoded image
+MAX_PROMPT_PARTS = 8  # composed prompts: each part costs one more network row per step
+MAX_PART_WEIGHT = 10.0
+
+_AND = re.compile(r"(?<!\S)AND(?!\S)")  # a word of its own: "ANDROID", "bAND" are text
+_WEIGHT = re.compile(r"^(?P<text>.*?)(?:\s+|^):\s*(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+))\s*$", re.DOTALL)
+
+
+def split_prompt(prompt: str) -> list[tuple[str, float]]:
+    """The parts of a composed prompt and their weights: "a cat AND a hat :0.5 AND snow :-1" ->
+    [("a cat", 1.0), ("a hat", 0.5), ("snow", -1.0)] (composable diffusion, Liu et al. 2022; the
+    syntax of the AUTOMATIC1111 web UI). Parts are separated by an upper-case AND standing alone; a
+    weight follows its part after a space and a colon. A prompt without AND is one part, left exactly as
+    written (a colon in it is text). Raises InvalidRequestError for an empty part, more than
+    MAX_PROMPT_PARTS parts, or a weight outside +-MAX_PART_WEIGHT."""
+    pieces = _AND.split(prompt)
+    if len(pieces) == 1:
+        return [(prompt, 1.0)]
+    if len(pieces) > MAX_PROMPT_PARTS:
+        raise InvalidRequestError(f"the prompt composes {len(pieces)} parts with AND; at most {MAX_PROMPT_PARTS}")
+    parts = []
+    for i, piece in enumerate(pieces, 1):
+        m = _WEIGHT.match(piece)
+        text, weight = (m["text"], float(m["weight"])) if m else (piece, 1.0)
+        text = text.strip()
+        if not text:
+            raise InvalidRequestError(f"part {i} of the prompt (between ANDs) is empty")
+        if not abs(weight) <= MAX_PART_WEIGHT:
+            raise InvalidRequestError(f"part {i} of the prompt ({text!r}) has weight {weight}; at most {MAX_PART_WEIGHT} either way")
+        parts.append((text, weight))
+    return parts
+
+
+class GenerationRequest(BaseModel):
+    """Everything that determines an image, given the model. The CLI, HTTP API and web UI all build one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i of the batch uses seed + i; None draws one")
+    # None: the model's default (its dreamlab.json; 30 dpmpp_2m karras steps at CFG 5 unless it says otherwise)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    sampler: str | None = None
+    schedule: Spacing | None = None
+    cfg_scale: float | None = Field(None, ge=0.0, le=50.0, description="classifier-free guidance scale; 1 = no guidance")
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0)
+    eta: float | None = Field(None, ge=0.0, le=1.0, description="noise of ddim / ancestral / sde samplers")
+    dynamic_threshold: float | None = Field(None, gt=0.0, le=1.0, description="Imagen percentile, pixel models")
+    width: int | None = Field(None, ge=8, le=MAX_SIDE)
+    height: int | None = Field(None, ge=8, le=MAX_SIDE)
+    batch: int = Field(1, ge=1, le=MAX_BATCH)
+    init_image: str | None = Field(
+        None, max_length=MAX_IMAGE_B64_CHARS, description="img2img / inpainting source: base64 PNG or JPEG"
+    )
+    strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img: share of the schedule re-run (SDEdit)")
+    mask_image: str | None = Field(
+        None, max_length=MAX_IMAGE_B64_CHARS, description="inpainting mask, base64 image: white = repaint"
+    )
+    lowres_image: str | None = Field(
+        None, max_length=MAX_IMAGE_B64_CHARS, description="super-resolution models: the image to enlarge, base64"
+    )
+    noise_level: int | None = Field(
+        None, ge=0, le=999, description="super-resolution: noise added to the low-res input (a timestep); None = the model's"
+    )
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, v: str | None) -> str | None:
+        if v is not None:
+            get_sampler(v)  # raises UnknownNameError listing the known ones
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _composable(cls, v: str) -> str:
+        split_prompt(v)  # raises InvalidRequestError naming the bad part
+        return v
+
+
+def encode_image(image: Image.Image | str | Path) -> str:
+    """A PIL image (as PNG) or an image file (its bytes unchanged, once checked to be a readable image)
+    -> the base64 string requests carry. Keeping a file's bytes makes the manifest's hash its sha256sum."""
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+    try:
+        data = Path(image).read_bytes()
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read {image}: {e.strerror or e}") from None
+    open_image(data, str(image))
+    return base64.b64encode(data).decode("ascii")
+
+
+def open_image(data: bytes, what: str, *, load: bool = True) -> Image.Image:
+    """The image in ``data``; ``load=False`` reads only its header (size, mode), not its pixels."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if load:
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRequestError(f"{what} is not a readable image ({e})") from None
+    if max(image.size) > 4 * MAX_SIDE:
+        raise InvalidRequestError(f"{what} is too large ({image.size[0]}x{image.size[1]})")
+    return image
+
+
+def image_bytes(b64: str, what: str) -> bytes:
+    """The file bytes a base64 request field carries (an optional data: URL prefix is allowed)."""
+    if b64.startswith("data:"):
+        b64 = b64.partition(",")[2]
+    try:
+        return base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{what} is not valid base64") from None
+
+
+def decode_image(b64: str, what: str) -> Image.Image:
+    return open_image(image_bytes(b64, what), what)
+
+
+def image_sha256(b64: str, what: str = "image") -> str:
+    """How manifests record an input image: "sha256:" + the hash of its file bytes (= sha256sum FILE)."""
+    return "sha256:" + hashlib.sha256(image_bytes(b64, what)).hexdigest()
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line naming each bad field."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "request"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def make_request(**kwargs: Any) -> GenerationRequest:
+    """Build a request, turning validation errors into one-line :class:`InvalidRequestError`."""
+    try:
+        return GenerationRequest(**kwargs)
+    except ValidationError as e:
+        raise InvalidRequestError(format_validation_error(e)) from None
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """A request field that carries an image; the CLI's options, replay's and the UI's derive from these."""
+
+    field: str  # the GenerationRequest field (base64 of the file's bytes)
+    flag: str  # the option of `dreamlab generate` and `dreamlab replay` that gives the file
+    what: str  # how messages name it
+    help: str
+    made: str  # "this image was <made> ..."
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination of its option ("--mask" -> "mask")."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+INPUTS: tuple[InputImage, ...] = (
+    InputImage("init_image", "--init-image", "init image", "img2img / inpainting source image file",
+               "made from an init image"),
+    InputImage("mask_image", "--mask", "inpainting mask", "inpainting mask image file: white = repaint",
+               "made with a mask"),
+    InputImage("lowres_image", "--lowres-image", "low-res input",
+               "super-resolution models: the image file to enlarge (see `dreamlab upscale`)", "enlarged from a low-res input"),
+)
+INPUT_IMAGES = tuple(i.field for i in INPUTS)  # request fields that carry an image
+
+
+def recorded(request: dict[str, Any]) -> dict[str, Any]:
+    """The request as a manifest records it: input images by the sha256 of their bytes, not inline."""
+    for key in INPUT_IMAGES:
+        if request.get(key):
+            request[key] = image_sha256(request[key], key)
+    return request
