@@ -44,10 +44,13 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
         "noise_level": getattr(args, "noise_level", None),
         **{i.field: encode_image(path) for i in INPUTS if (path := getattr(args, i.dest, None))},
     }
+    fields["controls"] = _controls(args)
     request = make_request(**{k: v for k, v in fields.items() if v is not None})
     if args.threads:
         torch.set_num_threads(args.threads)
     model = model or load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    for folder in getattr(args, "controlnet", None) or []:
+        model.use_controlnet(folder)
 
     progress = None
     if not args.quiet:
@@ -61,10 +64,45 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
             bars[0].update(1)
 
     result = generate(model, request, on_step=progress)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     for image, manifest, path in zip(result.images, result.manifests, _output_paths(Path(args.output), request.batch)):
         save_png(image, path, manifest)
         print(f"{path}  seed {manifest['seed']}")
     return 0
+
+
+def _per_control(values: list[float] | None, n: int, flag: str) -> list[float | None]:
+    """One value for every control, or one each."""
+    if not values:
+        return [None] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise DreamlabError(f"{flag} is given {len(values)} times for {n} --control; give it once (for all) or once per control")
+    return values
+
+
+def _controls(args: argparse.Namespace) -> list[dict] | None:
+    """--control COND:FILE (repeatable) with --control-scale/--control-start/--control-end -> request controls."""
+    from .generate import encode_image
+
+    specs = getattr(args, "control", None) or []
+    if not specs:
+        return None
+    n = len(specs)
+    scales = _per_control(args.control_scale, n, "--control-scale")
+    starts = _per_control(args.control_start, n, "--control-start")
+    ends = _per_control(args.control_end, n, "--control-end")
+    out = []
+    for spec, scale, start, end in zip(specs, scales, starts, ends):
+        condition, sep, path = spec.partition(":")
+        if not sep or not path:
+            raise DreamlabError(f"--control {spec!r}: write CONDITION:IMAGE, e.g. canny:edges.png")
+        c = {"condition": condition, "image": encode_image(path), "preprocess": args.preprocess,
+             "scale": scale, "start": start, "end": end}
+        out.append({k: v for k, v in c.items() if v is not None})
+    return out
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -149,6 +187,7 @@ def _train(what: str, module: str, config: str, fn: str):
 cmd_train_vae = _train("exported VAE", ".train.vae", "VAEConfig", "train_vae")
 cmd_train_unet = _train("exported model", ".train.unet", "UNetConfig", "train_unet")
 cmd_train_judge = _train("judge", ".eval.judge", "JudgeConfig", "train_judge")
+cmd_train_controlnet = _train("exported ControlNet", ".train.controlnet", "ControlNetConfig", "train_controlnet")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -214,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     for inp in INPUTS:
         g.add_argument(inp.flag, dest=inp.dest, help=inp.help)
     g.add_argument("--strength", type=float, help="img2img: share of the schedule re-run, 0..1 (default 0.75)")
+    g.add_argument("--control", action="append", metavar="COND:IMAGE",
+                   help="ControlNet control, e.g. canny:edges.png or shape:mask.png (repeatable: residuals add up)")
+    g.add_argument("--control-scale", type=float, action="append", help="weight of each control (once for all, or once each)")
+    g.add_argument("--control-start", type=float, action="append", help="share of the steps before a control starts (0..1)")
+    g.add_argument("--control-end", type=float, action="append", help="share of the steps after which it stops (0..1)")
+    g.add_argument("--preprocess", action="store_true", help="compute the control maps from pictures (Canny edges, silhouette)")
+    g.add_argument("--controlnet", action="append", metavar="DIR", help="use this ControlNet folder (repeatable)")
     g.add_argument("--noise-level", type=int, help="super-resolution: noise added to the low-res input, a timestep 0..999")
     g.add_argument("--model", help="model folder (diffusers format); default: the installed default model")
     g.add_argument("--device", default="cpu")
@@ -288,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(tu, UNetConfig, required=("data", "vae", "out"))
     tu.add_argument("--threads", type=int)
     tu.set_defaults(func=cmd_train_unet)
+    from .train.controlnet import ControlNetConfig
+
+    tc = tsub.add_parser("controlnet", help="a ControlNet for the (frozen) default model: canny edges or shape")
+    add_dataclass_args(tc, ControlNetConfig, required=("data", "out"))
+    tc.add_argument("--threads", type=int)
+    tc.set_defaults(func=cmd_train_controlnet)
     from .eval.evaluate import EvalConfig
     from .eval.judge import JudgeConfig
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import __version__
 from .control.concat import LowResInput
+from .control.controlnet import control_inputs
 from .control.inpaint import inpaint
 from .core.guidance import dynamic_threshold
 from .core.guiders import CFG, guide
@@ -29,7 +30,7 @@ from .core.schedules import truncate
 from .core.types import Cond, DenoiseFn, ModelWrapper, StepCallback
 from .errors import InvalidRequestError
 from .images import resize, to_pil
-from .manifest import Manifest, ModelRecord, StageRecord
+from .manifest import AdapterRecord, Manifest, ModelRecord, StageRecord
 from .models.bundle import ModelBundle
 from .models.patches import Patch, patched
 from .request import (  # noqa: F401  (re-exported: the request API has always been importable from here)
@@ -44,6 +45,7 @@ class Result:
     manifests: list[dict[str, Any]]  # the records' JSON form, as PNGs carry them
     latents: torch.Tensor = field(repr=False)  # final sampler state
     pixels: torch.Tensor = field(repr=False)  # decoded images, (B, C, H, W) in [-1, 1]
+    notes: list[str] = field(default_factory=list)  # what the user should know (an input was resized, ...)
     records: list[Manifest] = field(default_factory=list, repr=False)  # the typed manifests
 
 
@@ -56,7 +58,7 @@ PATCH_PROVIDERS: list[PatchProvider] = []
 class StageInput(Protocol):
     """An input of a stage that reaches the network at every call (a model wrapper per image)."""
 
-    def model_wrapper(self, i: int, noise: NoiseSource) -> ModelWrapper: ...
+    def model_wrapper(self, i: int, noise: NoiseSource, sigmas: torch.Tensor) -> ModelWrapper: ...
 
 
 def resolve(model: ModelBundle, req: GenerationRequest) -> GenerationRequest:
@@ -135,6 +137,13 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
         raise InvalidRequestError("seed + batch - 1 exceeds 2**63 - 1")
     if req.mask_image is not None and req.init_image is None:
         raise InvalidRequestError("mask_image needs an init_image to inpaint")
+    if req.controls:
+        if model.sr is not None:
+            raise InvalidRequestError("controls are for text-to-image models; this is a super-resolution model")
+        have = model.controlnets()
+        for c in req.controls:
+            if c.condition not in have:
+                model.controlnet(c.condition)  # raises the one line that says how to get one
     _sampler_options(req)
     return width, height
 
@@ -193,7 +202,7 @@ def _run_stage(stage: _Stage, req: GenerationRequest, source, mask, progress) ->
     states = []
     for i, seed in enumerate(stage.seeds):
         noise = NoiseSource([seed], shape, device=model.device)
-        denoise: DenoiseFn = model.denoiser([inp.model_wrapper(i, noise) for inp in stage.inputs], sigmas=sigmas)
+        denoise: DenoiseFn = model.denoiser([inp.model_wrapper(i, noise, sigmas) for inp in stage.inputs], sigmas=sigmas)
         if guider is not None:
             denoise = guide(denoise, guider)
         if req.dynamic_threshold is not None:
@@ -249,6 +258,8 @@ def _generate(model: ModelBundle, req: GenerationRequest, width: int, height: in
         stages.append(_Stage(sr, width, height, [stream_seed(s, SR_STAGE_STREAM) for s in seeds],
                              sr.schedule.sigmas_for(req.steps, req.schedule), noise_level=_noise_level(sr, req)))
     source, mask = _load_inputs(req, model, width, height)
+    controls, notes = control_inputs(model, req, width // k, height // k, decode_image)
+    base.inputs += controls
     if source is not None:
         # SDEdit (Meng et al. 2021): noise the source to a level part-way down the schedule, denoise from there
         base.sigmas = truncate(base.sigmas, req.strength)
@@ -285,8 +296,10 @@ def _generate(model: ModelBundle, req: GenerationRequest, width: int, height: in
         stages=[StageRecord(stage=name, width=st.width, height=st.height, sigmas=[float(s) for s in st.sigmas],
                             noise_level=st.noise_level)
                 for name, st in zip(("base", "super_resolution"), stages)] if len(stages) > 1 else None,
+        adapters=[AdapterRecord(kind="controlnet", name=c.condition, source=str(model.controlnet(c.condition)[1]),
+                                files=model.controlnet(c.condition)[2]) for c in req.controls] or None,
     )
     records = [Manifest(**common, seed=seed + i, batch_index=i, request={**rec, "seed": seed + i, "batch": 1})
                for i in range(req.batch)]
     return Result(images=to_pil(images), manifests=[r.dump() for r in records], latents=state,
-                  pixels=images.clamp(-1, 1), records=records)
+                  pixels=images.clamp(-1, 1), records=records, notes=notes)

@@ -30,6 +30,16 @@ class StageRecord(BaseModel):
     noise_level: int | None = None
 
 
+class AdapterRecord(BaseModel):
+    """A network or file applied on top of the model: a ControlNet (later LoRAs, embeddings)."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str  # "controlnet"
+    name: str  # its condition, or its name
+    source: str = ""  # the folder or file it was loaded from
+    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
     dreamlab_version: str
@@ -46,6 +56,7 @@ class Manifest(BaseModel):
     height: int
     noise_level: int | None = None  # a super-resolution model's augmentation level
     stages: list[StageRecord] | None = None  # a cascade's stages
+    adapters: list[AdapterRecord] | None = None  # ControlNets and other additions, with their files' hashes
 
     @property
     def prompt(self) -> str:

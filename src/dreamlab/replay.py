@@ -60,6 +60,26 @@ def resolve_input(recorded: str, path: str | None, what: str, flag: str) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _controls(recorded: list[dict[str, Any]], files: list[str]) -> list[dict[str, Any]]:
+    """The recorded controls with their images from ``files``, matched by the sha256 of their bytes."""
+    by_hash: dict[str, str] = {}
+    for path in files:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise DreamlabError(f"cannot read {path}: {e.strerror or e}") from None
+        by_hash["sha256:" + hashlib.sha256(data).hexdigest()] = base64.b64encode(data).decode("ascii")
+    out = []
+    for k, c in enumerate(recorded):
+        if c["image"] not in by_hash:
+            raise DreamlabError(f"this image was made with a {c['condition']} control image ({c['image']}); "
+                                "pass it with --control-image FILE")
+        out.append({**c, "image": by_hash[c["image"]]})
+    if len(by_hash) > len({c["image"] for c in recorded}):
+        raise DreamlabError("a --control-image is not one this image was made with (its sha256 matches no recorded control)")
+    return out
+
+
 def compare_pixels(a, b) -> tuple[int, int, int]:
     """(pixels that differ, all pixels, largest channel difference) of two images of one size and mode."""
     import numpy as np
@@ -95,6 +115,7 @@ def replay(
     device: str = "cpu",
     allow_pickle: bool = False,
     log=print,
+    control_images: list[str] | None = None,
     **input_files: str | None,
 ) -> ReplayReport:
     """``inputs`` (or keywords): the files of the request's input images by field or option name
@@ -117,12 +138,16 @@ def replay(
             fields[inp.field] = resolve_input(fields[inp.field], path, inp.what, inp.flag)
         elif path:
             raise DreamlabError(f"this image was not {inp.made}; drop {inp.flag}")
+    fields["controls"] = _controls(fields.get("controls") or [], control_images or [])
     request = make_request(**fields)
 
     source = model_dir or manifest.model.source
     if not source:
         raise DreamlabError("the manifest names no model folder; pass --model DIR")
     model = load_model(source, device=device, allow_pickle=allow_pickle)
+    for adapter in manifest.adapters or []:  # ControlNets given by folder: the same folders again
+        if adapter.kind == "controlnet" and adapter.source and Path(adapter.source).is_dir():
+            model.use_controlnet(adapter.source)
     model_diff = diff_model_files(manifest.model.files, model.files)
     if model_diff:
         log(f"the model in {model.source} differs from the one that made this image:")
@@ -157,6 +182,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
     for inp in INPUTS:  # the input images a manifest can record, each by the sha256 of its file
         r.add_argument(inp.flag, dest=inp.dest, help=f"the {inp.what} the image was made from")
+    r.add_argument("--control-image", action="append", default=[], help="a control image the image was made with (repeatable)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
     r.set_defaults(func=cmd_replay)
@@ -167,6 +193,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .request import INPUTS
 
     report = replay(args.image, args.output, model_dir=args.model, inputs={i.field: getattr(args, i.dest) for i in INPUTS},
+                    control_images=args.control_image,
                     device=args.device, allow_pickle=args.allow_pickle)
     print(f"wrote {report.output}")
     if report.identical:

@@ -56,6 +56,30 @@ def split_prompt(prompt: str) -> list[tuple[str, float]]:
     return parts
 
 
+MAX_CONTROLS = 4  # each ControlNet costs about half a UNet forward per row and step
+
+
+class ControlRequest(BaseModel):
+    """One ControlNet control: a map (or a picture to compute it from) of a condition, with its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    condition: str = Field(description="what the map shows: canny (edges) or shape (silhouette)")
+    image: str = Field(max_length=MAX_IMAGE_B64_CHARS, description="base64 PNG/JPEG: the map, or a picture with preprocess")
+    scale: float = Field(1.0, ge=0.0, le=5.0, description="weight of its residuals; 0 = no control")
+    start: float = Field(0.0, ge=0.0, le=1.0, description="share of the steps before it starts")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="share of the steps after which it stops")
+    preprocess: bool = Field(False, description="compute the map from a picture (e.g. Canny edges of a photo)")
+
+    @field_validator("condition")
+    @classmethod
+    def _known_condition(cls, v: str) -> str:
+        from .control.conditions import get_condition
+
+        get_condition(v)  # raises UnknownNameError listing the known ones
+        return v
+
+
 class GenerationRequest(BaseModel):
     """Everything that determines an image, given the model. The CLI, HTTP API and web UI all build one."""
 
@@ -88,6 +112,8 @@ class GenerationRequest(BaseModel):
     noise_level: int | None = Field(
         None, ge=0, le=999, description="super-resolution: noise added to the low-res input (a timestep); None = the model's"
     )
+    controls: list[ControlRequest] = Field(default_factory=list, max_length=MAX_CONTROLS,
+                                           description="ControlNet controls; their residuals add up")
 
     @field_validator("sampler")
     @classmethod
@@ -200,4 +226,7 @@ def recorded(request: dict[str, Any]) -> dict[str, Any]:
     for key in INPUT_IMAGES:
         if request.get(key):
             request[key] = image_sha256(request[key], key)
+    request["controls"] = [{**c, "image": c["image"] if c["image"].startswith("sha256:")
+                            else image_sha256(c["image"], f"controls.{i}.image")}
+                           for i, c in enumerate(request.get("controls") or [])]
     return request

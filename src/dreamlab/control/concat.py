@@ -45,7 +45,7 @@ class LowResInput:
     level: int
     schedule: DiscreteSchedule
 
-    def model_wrapper(self, i: int, noise: NoiseSource) -> ConcatLatents:
+    def model_wrapper(self, i: int, noise: NoiseSource, sigmas: Tensor) -> ConcatLatents:
         low = self.latents[i if len(self.latents) > 1 else 0]
         t = torch.full((1,), self.level, dtype=torch.long, device=low.device)
         return ConcatLatents(q_sample(low, t, noise.draw(AUGMENT_STREAM), self.schedule), float(self.level))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -62,6 +63,8 @@ class ModelBundle:
     defaults: Defaults = Defaults()
     inputs: tuple[ModelInput, ...] = ()  # extra inputs it takes beside the prompt
     pass_call: bool = False  # attention processors of this view want each ModelCall (set by a patch)
+    controlnet_dirs: dict[str, Path] = field(default_factory=dict)  # condition -> folder, given explicitly
+    _controlnets: dict[str, tuple] = field(default_factory=dict, repr=False)  # loaded ones, shared by the views
 
     @property
     def device(self) -> torch.device:
@@ -78,6 +81,39 @@ class ModelBundle:
             UNetModelFn(self.unet, use_mask=self.use_mask, pass_call=self.pass_call), self.schedule, self.prediction,
             model_dtype=self.dtype, wrappers=tuple(wrappers), sigmas=sigmas,
         )
+
+    def controlnets(self) -> dict[str, Path]:
+        """condition -> folder of every ControlNet this model can use: given ones first, then installed."""
+        from .controlnet import installed_controlnets
+
+        return {**installed_controlnets(self.files), **self.controlnet_dirs}
+
+    def use_controlnet(self, folder: str | Path) -> str:
+        """Make the ControlNet in ``folder`` this model's for its condition (checked to fit); the condition."""
+        from .controlnet import load_controlnet
+
+        folder = Path(folder).expanduser()
+        net, spec, files = load_controlnet(folder, self.files, device=self.device, dtype=self.dtype)
+        condition = spec.controlnet.condition
+        self.controlnet_dirs[condition] = folder
+        self._controlnets[condition] = (net, folder, files)
+        return condition
+
+    def controlnet(self, condition: str):
+        """(network, folder, file hashes) of the ControlNet for ``condition``, loaded once."""
+        if condition not in self._controlnets:
+            from ..errors import InvalidRequestError
+            from .controlnet import load_controlnet
+
+            folder = self.controlnets().get(condition)
+            if folder is None:
+                raise InvalidRequestError(
+                    f"no ControlNet for '{condition}' is installed for {self.name}; train one with `dreamlab train "
+                    f"controlnet --condition {condition}` or pass its folder with --controlnet"
+                )
+            net, _, files = load_controlnet(folder, self.files, device=self.device, dtype=self.dtype)
+            self._controlnets[condition] = (net, folder, files)
+        return self._controlnets[condition]
 
     def clone(self) -> "ModelBundle":
         """A view of this model for one request: it shares the networks (no weights are copied); patches

@@ -34,7 +34,9 @@ class UNetModelFn:
         config = getattr(unet, "module", unet).config  # DDP(unet) in training
         self.takes_pooled = getattr(config, "class_embed_type", None) == "projection"
 
-    def __call__(self, call: ModelCall) -> Tensor:
+    def inputs(self, call: ModelCall) -> tuple[Tensor, Tensor, Tensor | None, dict]:
+        """(sample, timestep, encoder_hidden_states, keyword arguments) of the UNet for ``call``, without
+        residuals: what a ControlNet made from this UNet is called with too."""
         x_t, cond = call.x_t, call.cond
         kwargs = {}
         tokens = None
@@ -51,12 +53,16 @@ class UNetModelFn:
                     raise ValueError("this UNet adds the pooled prompt embedding to its timestep embedding: the "
                                      "conditioning has no pooled embedding (a text encoder with pooling 'none'?)")
                 kwargs["class_labels"] = cond.pooled.to(x_t.dtype)
+        if tokens is not None:
+            tokens = tokens.to(x_t.dtype)
+        t = call.t if call.sigma is None else call.t.float()  # training keeps its integer timesteps
+        return x_t, t, tokens, kwargs
+
+    def __call__(self, call: ModelCall) -> Tensor:
+        x_t, t, tokens, kwargs = self.inputs(call)
         if call.residuals is not None:
             kwargs["down_block_additional_residuals"] = tuple(r.to(x_t.dtype) for r in call.residuals.down)
             kwargs["mid_block_additional_residual"] = call.residuals.mid.to(x_t.dtype)
         if self.pass_call:
             kwargs["cross_attention_kwargs"] = {"call": call}
-        if tokens is not None:
-            tokens = tokens.to(x_t.dtype)
-        t = call.t if call.sigma is None else call.t.float()  # training keeps its integer timesteps
         return self.unet(x_t, t, encoder_hidden_states=tokens, return_dict=False, **kwargs)[0]

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from PIL import Image
 
 from ..errors import DreamlabError, InvalidRequestError
-from ..generate import INPUT_IMAGES, GenerationRequest, image_bytes, image_sha256, open_image, resolve
+from ..generate import INPUT_IMAGES, GenerationRequest, image_bytes, open_image, recorded, resolve
 from ..generate import check_request as check_for_model
 from ..models.bundle import ModelBundle
 from .gallery import Gallery
@@ -128,11 +128,7 @@ class JobView:
     def request(self) -> dict[str, Any]:
         """The request as run: seed fixed, input images as "sha256:" + the hash of their file bytes (as the
         manifests record them; the base64 itself can be megabytes)."""
-        request = dict(self.job.request)
-        for key in INPUT_IMAGES:
-            if request.get(key) is not None:
-                request[key] = image_sha256(request[key], key)
-        return request
+        return recorded(dict(self.job.request))
 
 
 @dataclass(frozen=True)
@@ -188,11 +184,12 @@ class Service:
         data = resolve(self.model, req).model_dump()  # the job records the steps, sampler... it will run with
         if data["seed"] is None:  # fixed now, so a job that restarts makes the same images
             data["seed"] = secrets.randbelow(2**31)
-        for key in INPUT_IMAGES:
-            if data[key] is not None:
-                raw, fmt = normalize_image(data[key], key, self.limits.max_side)
-                data[key] = base64.b64encode(raw).decode("ascii")  # canonical: no data: prefix, no line breaks
-                self.gallery.record_input(raw, fmt)
+        images = [(data, key, key) for key in INPUT_IMAGES if data[key] is not None]
+        images += [(c, "image", f"controls.{i}.image") for i, c in enumerate(data["controls"])]
+        for holder, key, what in images:
+            raw, fmt = normalize_image(holder[key], what, self.limits.max_side)
+            holder[key] = base64.b64encode(raw).decode("ascii")  # canonical: no data: prefix, no line breaks
+            self.gallery.record_input(raw, fmt)
         return self.store.submit(data)
 
     def job(self, job_id: str) -> Job | None:

@@ -1,0 +1,177 @@
+"""Train a ControlNet (Zhang et al. 2023) on the frozen default model, for a condition computed from the
+training images themselves (Canny edges, the alpha silhouette).
+
+The base model stays frozen; the ControlNet starts as a copy of its encoder and middle block with zero
+convolutions, so the first step is exactly the base model. The loss is the base model's own (v-prediction,
+Min-SNR-5) through ``Denoiser.loss`` with the ControlNet as a model wrapper: the network is called
+exactly as at sampling. Half of the prompts are dropped to the empty prompt (the paper's 50%), so the
+ControlNet must read the structure from the map, not the caption. Latents and captions come from the
+base trainer's cache (encoded once); the maps are computed once and cached beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..control.conditions import get_condition
+from ..control.controlnet import ControlNetControl
+from ..core.types import Cond
+from ..data.dataset import EmojiDataset
+from ..errors import DreamlabError
+from ..models.controlnet import controlnet_from_unet, save_controlnet
+from .common import EMA, Log, init_distributed, latest_checkpoint, lr_at, save_checkpoint, save_config, update
+from .unet import UNetConfig, _cache_matches, build_cache, sampling_weights
+
+
+@dataclass
+class ControlNetConfig:
+    data: str  # emoji dataset folder
+    out: str  # run folder
+    condition: str = "canny"  # canny | shape (dreamlab.control.conditions)
+    base: str | None = None  # the model to control (default: the shipped default model)
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    cond_dropout: float = 0.5  # prompts dropped to the empty prompt (Zhang et al.: 50%)
+    min_snr_gamma: float | None = 5.0
+    ema_decay: float = 0.995
+    ckpt_every: int = 200
+    snapshot_every: int = 250  # fp16 EMA ControlNets kept for the fidelity-vs-steps curve
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+
+
+def _base(cfg: ControlNetConfig):
+    from ..loading.model import default_model_dir, load_model, read_spec
+
+    root = Path(cfg.base).expanduser() if cfg.base else default_model_dir()
+    model = load_model(root)
+    if not (root / "vae").is_dir():
+        raise DreamlabError(f"--base {root}: a ControlNet is trained here on a latent model (it has no vae/)")
+    return root, model, read_spec(root)
+
+
+def _maps(cfg: ControlNetConfig, cache: Path, n: int) -> torch.Tensor:
+    """(N, C, 64, 64) uint8 maps of the training images, computed once."""
+    file = cache / f"maps-{cfg.condition}.safetensors"
+    if file.exists():
+        maps = load_file(str(file))["maps"]
+        if maps.shape[0] == n:
+            return maps
+    from ..data.dataset import to_rgba_uint8
+
+    condition = get_condition(cfg.condition)
+    ds = EmojiDataset(Path(cfg.data), split="train")
+    maps = torch.stack([torch.from_numpy(condition.preprocess(to_rgba_uint8(ds[i][0]))).permute(2, 0, 1)
+                        for i in range(len(ds))])
+    maps = (maps * 255).round().to(torch.uint8).contiguous()
+    save_file({"maps": maps}, str(file))
+    return maps
+
+
+def train_controlnet(cfg: ControlNetConfig) -> Path:
+    condition = get_condition(cfg.condition)
+    d = init_distributed(cfg.device)
+    if d.world > 1:
+        raise DreamlabError("train controlnet runs in one process (use --device cuda on a GPU)")
+    out = Path(cfg.out).expanduser()
+    save_config(out, cfg)
+    root, model, spec = _base(cfg)
+    te = spec.text_encoder
+    ucfg = UNetConfig(data=cfg.data, vae=str(root / "vae"), out=str(out), max_length=te.max_length or 24)
+    cache = out / "cache"
+    if not _cache_matches(ucfg, cache):
+        print("encoding latents and captions once ...")
+        build_cache(ucfg, cache)
+    data = load_file(str(cache / "cache.safetensors"))
+    n, latent_shape = data["latent_mean"].shape[0], tuple(data["latent_mean"].shape[1:])
+    records = EmojiDataset(Path(cfg.data), split="train").records
+    if len(records) != n:
+        raise DreamlabError(f"the cache in {cache} does not match {cfg.data}: delete {cache} to rebuild it")
+    maps = _maps(cfg, cache, n)
+    weights = sampling_weights(records, "concept")
+
+    torch.manual_seed(cfg.seed)
+    unet = model.unet.to(d.device)
+    net = controlnet_from_unet(unet, condition.channels, model.space.factor).to(d.device).train()
+    ema = EMA(net, cfg.ema_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, spent = 0, 0.0
+    last = latest_checkpoint(out)
+    if last is not None:
+        from .common import load_training_state
+
+        net.load_state_dict(type(net).from_pretrained(last / "model").state_dict())
+        state = load_training_state(last, opt, ema)
+        step, spent = state["step"], state.get("train_seconds", 0.0)
+        print(f"resumed from {last} at step {step}")
+    adapter_model = model.denoiser()  # the base's adapter, schedule and prediction
+    log = Log(out)
+    log.rewind(step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)
+    print(f"ControlNet ({cfg.condition}) {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters, {n} images")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"controlnet-{cfg.condition}", dynamic_ncols=True)
+    t_mark = time.time()
+    B = cfg.batch_size
+    while step < cfg.steps:
+        idx = torch.multinomial(weights, B, replacement=True, generator=gen)
+        variant = torch.randint(data["tokens"].shape[0] // n, (B,), generator=gen)
+        x0 = data["latent_mean"][idx] + data["latent_std"][idx] * torch.randn(B, *latent_shape, generator=gen)
+        rows = variant * n + idx
+        tokens, mask = data["tokens"][rows].float(), data["mask"][rows].long()
+        drop = torch.rand(B, generator=gen) < cfg.cond_dropout
+        tokens[drop] = data["empty_tokens"].float()
+        mask[drop] = data["empty_mask"].long()
+        t = torch.randint(model.schedule.num_train_timesteps, (B,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        hint = maps[idx].float() / 255
+        x0, tokens, mask, t, noise, hint = (v.to(d.device) for v in (x0, tokens, mask, t, noise, hint))
+        control = ControlNetControl(net, adapter_model.model, hint)
+        denoiser = type(adapter_model)(adapter_model.model, adapter_model.schedule, adapter_model.prediction,
+                                       wrappers=(control,))
+        loss = denoiser.loss(x0, noise, t, Cond(tokens=tokens, mask=mask), min_snr_gamma=cfg.min_snr_gamma)
+        update(loss, net, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
+        step += 1
+        bar.update(1)
+        now = time.time()
+        spent += now - t_mark
+        t_mark = now
+        if step % cfg.log_every == 0:
+            log.write(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], train_hours=spent / 3600)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            info = {"steps": step, "train_hours": spent / 3600, "device": str(d.device), "condition": cfg.condition,
+                    "batch_size": B, "lr": cfg.lr, "cond_dropout": cfg.cond_dropout}
+            save_checkpoint(out, step, net, ema, opt, {"config": "config.json", "train_seconds": spent})
+            if step % cfg.snapshot_every == 0 or step == cfg.steps:
+                _export(net, ema, out / "snapshots" / f"step-{step:07d}", cfg, model, info)
+            _export(net, ema, out / "controlnet", cfg, model, info, dtype=None)
+            log.plot(("loss",))
+            t_mark = time.time()
+    bar.close()
+    return out / "controlnet"
+
+
+def _export(net, ema: EMA, dest: Path, cfg: ControlNetConfig, model, info: dict, dtype=torch.float16) -> Path:
+    """The EMA weights as a ControlNet folder for ``model``."""
+    import copy
+
+    shadow = copy.deepcopy(net)
+    ema.copy_to(shadow)
+    return save_controlnet(shadow, dest, cfg.condition, model.files, model.name, info, dtype=dtype)
+
+
+def training_curve(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
