@@ -351,7 +351,7 @@ def test_info_ui_and_openapi(tiny, tmp_path):
         config = client.get("/config").json()  # the Gradio app's layout
         ids = {c["props"].get("elem_id") for c in config["components"]}
         assert {"prompt", "generate", "progress", "preview", "mask-editor", "gallery", "control-image"} <= ids
-        assert "ControlNet is not in the engine yet" in json.dumps(config)
+        assert "No ControlNet for this model is installed" in json.dumps(config)
         schema = client.get("/openapi.json").json()
         assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events", "/api/jobs/{job_id}/cancel",
                 "/api/gallery", "/api/gallery/{image_id}", "/api/gallery/{image_id}/image"} <= set(schema["paths"])

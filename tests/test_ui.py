@@ -99,6 +99,11 @@ def tiny(tmp_path_factory):
     return load_model(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
 
 
+# the form's edit and control inputs, left empty (edit target, picture, blend words, reweight, auto mask,
+# control image, condition, scale, preprocess)
+NO_EXTRAS = ["", None, "", "", False, None, None, 1.0, False]
+
+
 def call(client, data):
     """Gradio's HTTP API for the Generate button: its server-sent events as (name, data)."""
     r = client.post("/gradio_api/call/generate", json={"data": data})
@@ -144,7 +149,7 @@ def test_generate_queues_in_the_job_store_and_streams_progress(tiny, tmp_path, n
     with TestClient(app) as client:
         # prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height, init, strength, editor, strength,
         # lowres image, noise level
-        events = call(client, ["red apple", "blurry", "euler", "karras", 6, 4, 3, 2, 16, 16, None, 0.75, None, 1.0, None, 0])
+        events = call(client, ["red apple", "blurry", "euler", "karras", 6, 4, 3, 2, 16, 16, None, 0.75, None, 1.0, None, 0, *NO_EXTRAS])
         assert events[-1][0] == "complete"
         status = [e[0] for _, e in events]
         # progress runs over the whole batch: 2 images x 6 steps
@@ -162,7 +167,7 @@ def test_generate_queues_in_the_job_store_and_streams_progress(tiny, tmp_path, n
             assert np.array_equal(shown, np.asarray(Image.open(io.BytesIO(client.get(image["url"]).content))))
 
         # the server's limits apply, as for POST /api/jobs: an error event, no job
-        events = call(client, ["x", "", "euler", "karras", 6, 4, 2**63 - 1, 2, 16, 16, None, 0.75, None, 1.0, None, 0])
+        events = call(client, ["x", "", "euler", "karras", 6, 4, 2**63 - 1, 2, 16, 16, None, 0.75, None, 1.0, None, 0, *NO_EXTRAS])
         assert events[-1][0] == "error" and "seed + batch - 1 exceeds" in json.dumps(events[-1][1])
         assert len(client.get("/api/jobs").json()["items"]) == 1
     time.sleep(0.2)  # a background thread (analytics, version check) would have asked by now
@@ -183,12 +188,12 @@ def test_a_super_resolution_model_gets_an_upscale_tab_that_enlarges_an_upload(tm
     with TestClient(app) as client:
         tabs = {c["props"].get("elem_id"): c["props"].get("visible") for c in client.get("/config").json()["components"]
                 if c.get("type") == "tabitem"}
-        assert tabs == {"tab-upscale": True, "tab-txt2img": False, "tab-img2img": False, "tab-inpaint": False}
+        assert tabs == {"tab-upscale": True, "tab-txt2img": False, "tab-img2img": False, "tab-inpaint": False, "tab-edit": False}
         buf = io.BytesIO()
         rgba((8, 8)).save(buf, format="PNG")
         (path,) = client.post("/gradio_api/upload", files={"files": ("low.png", buf.getvalue(), "image/png")}).json()
         upload = {"path": path, "meta": {"_type": "gradio.FileData"}}
-        events = call(client, ["red apple", "", "euler", "karras", 3, 4, 5, 1, 64, 64, None, 0.75, None, 1.0, upload, 20])
+        events = call(client, ["red apple", "", "euler", "karras", 3, 4, 5, 1, 64, 64, None, 0.75, None, 1.0, upload, 20, *NO_EXTRAS])
         assert events[-1][0] == "complete", events[-1]
         (item,) = events[-1][1][2]
         assert Image.open(item["image"]["path"]).size == (16, 16)  # 2x the upload; the Width/Height sliders ignored

@@ -147,8 +147,8 @@ def test_generate_in_the_browser_and_find_it_in_the_gallery(live, browser, tmp_p
     page, elsewhere = browser
     open_ui(page, url)
     assert "tiny-random" in page.text_content("#model-name")
-    assert page.locator("#control-image input[type=file]").count() == 0  # shown, not usable
-    assert "ControlNet is not in the engine yet" in page.text_content("#control-note")
+    assert page.locator("#control-image input[type=file]").count() == 0  # the tiny model has no ControlNet: not usable
+    assert "No ControlNet for this model is installed" in page.text_content("#control-note")
 
     page.locator("#prompt textarea").fill("red apple from the browser")
     page.locator("#negative textarea").fill("blurry")

@@ -47,6 +47,21 @@ class Result:
     pixels: torch.Tensor = field(repr=False)  # decoded images, (B, C, H, W) in [-1, 1]
     notes: list[str] = field(default_factory=list)  # what the user should know (an input was resized, ...)
     records: list[Manifest] = field(default_factory=list, repr=False)  # the typed manifests
+    # an edit's sources (generated beside it, or the given image reconstructed) with their own manifests,
+    # and its masks (local blend's or DiffEdit's; None where there is none)
+    sources: list[Image.Image] = field(default_factory=list, repr=False)
+    source_manifests: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    masks: list[Image.Image | None] = field(default_factory=list, repr=False)
+    attention: list[Image.Image | None] = field(default_factory=list, repr=False)  # an edit's attention-map sheets
+
+    def gallery_items(self) -> list[tuple[Image.Image, Manifest]]:
+        """What a server keeps of it: the images, an edit's sources, and its attention sheets (marked as
+        such in their manifests, so that replay knows them for what they are)."""
+        items = list(zip(self.images, self.records))
+        items += [(im, Manifest.load(m)) for im, m in zip(self.sources, self.source_manifests)]
+        items += [(im, r.model_copy(update={"artifact": "attention"})) for im, r in zip(self.attention, self.records)
+                  if im is not None]
+        return items
 
 
 # Patches a request asks for (LoRA, embeddings, attention control) come from providers registered here:
@@ -64,7 +79,9 @@ class StageInput(Protocol):
 def resolve(model: ModelBundle, req: GenerationRequest) -> GenerationRequest:
     """The request with the model's defaults in place of what it leaves unset (sampler, steps, CFG, schedule)."""
     d = model.defaults
-    unset = {k: v for k, v in (("sampler", d.sampler), ("steps", d.steps), ("cfg_scale", d.cfg_scale),
+    # editing a given image inverts it: it samples deterministically (DDIM) unless told otherwise
+    sampler = "ddim" if req.edit is not None and req.init_image is not None else d.sampler
+    unset = {k: v for k, v in (("sampler", sampler), ("steps", d.steps), ("cfg_scale", d.cfg_scale),
                                ("schedule", d.schedule)) if getattr(req, k) is None}
     return req.model_copy(update=unset) if unset else req
 
@@ -145,6 +162,10 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
             if c.condition not in have:
                 model.controlnet(c.condition)  # raises the one line that says how to get one
     _sampler_options(req)
+    if req.edit is not None:
+        from .edit import check_edit
+
+        check_edit(model, req)
     return width, height
 
 
@@ -241,15 +262,42 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
     """
     req = resolve(model, request)
     width, height = check_request(model, req)
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+    req = req.model_copy(update={"seed": seed})
+    seeds = [seed + i for i in range(req.batch)]
     wanted = [p for provide in PATCH_PROVIDERS for p in provide(model, req)]
     with patched(model, [*patches, *wanted]) as view:
-        return _generate(view, req, width, height, on_step, inputs)
+        for name, runner in TASKS.items():  # tasks with a run of their own
+            if getattr(req, name) is not None:
+                return _task(runner)(view, req, width, height, on_step, seeds)
+        return _generate(view, req, width, height, on_step, inputs, seeds)
+
+
+# Request fields that ask for a task with its own run (a joint run, an inversion), and its runner.
+TASKS: dict[str, str] = {"edit": "dreamlab.edit:run_edit"}
+
+
+def _task(target: str):
+    import importlib
+
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _records(model: ModelBundle, req: GenerationRequest, seeds: list[int], width: int, height: int, sigmas,
+             **more: Any) -> list[Manifest]:
+    """The manifest of each image of a request (seed fixed, batch of one each)."""
+    rec = recorded(req.model_dump())  # input images hashed once for the whole batch
+    common = dict(
+        dreamlab_version=__version__, torch_version=torch.__version__, platform=platform.machine(),
+        model=ModelRecord(name=model.name, source=model.source, files=model.files), sampler=req.sampler,
+        sigmas=[float(s) for s in sigmas], width=width, height=height, **more,
+    )
+    return [Manifest(**common, seed=s, batch_index=i, request={**rec, "seed": s, "batch": 1}) for i, s in enumerate(seeds)]
 
 
 def _generate(model: ModelBundle, req: GenerationRequest, width: int, height: int, on_step: StepCallback | None,
-              inputs: Sequence[StageInput]) -> Result:
-    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    seeds = [seed + i for i in range(req.batch)]
+              inputs: Sequence[StageInput], seeds: list[int]) -> Result:
     k = _upscale(model)
     base = _Stage(model, width // k, height // k, seeds, model.schedule.sigmas_for(req.steps, req.schedule), list(inputs))
     stages = [base]
@@ -288,18 +336,13 @@ def _generate(model: ModelBundle, req: GenerationRequest, width: int, height: in
             states, images = _run_stage(stages[1], req, None, None, progress)
         state = torch.cat(states)
 
-    rec = recorded(req.model_dump())  # input images hashed once for the whole batch
-    common = dict(
-        dreamlab_version=__version__, torch_version=torch.__version__, platform=platform.machine(),
-        model=ModelRecord(name=model.name, source=model.source, files=model.files), sampler=req.sampler,
-        sigmas=[float(s) for s in base.sigmas], noise_level=base.noise_level, width=width, height=height,
+    records = _records(
+        model, req, seeds, width, height, base.sigmas, noise_level=base.noise_level,
         stages=[StageRecord(stage=name, width=st.width, height=st.height, sigmas=[float(s) for s in st.sigmas],
                             noise_level=st.noise_level)
                 for name, st in zip(("base", "super_resolution"), stages)] if len(stages) > 1 else None,
         adapters=[AdapterRecord(kind="controlnet", name=c.condition, source=str(model.controlnet(c.condition)[1]),
                                 files=model.controlnet(c.condition)[2]) for c in req.controls] or None,
     )
-    records = [Manifest(**common, seed=seed + i, batch_index=i, request={**rec, "seed": seed + i, "batch": 1})
-               for i in range(req.batch)]
     return Result(images=to_pil(images), manifests=[r.dump() for r in records], latents=state,
                   pixels=images.clamp(-1, 1), records=records, notes=notes)

@@ -57,6 +57,7 @@ class Manifest(BaseModel):
     noise_level: int | None = None  # a super-resolution model's augmentation level
     stages: list[StageRecord] | None = None  # a cascade's stages
     adapters: list[AdapterRecord] | None = None  # ControlNets and other additions, with their files' hashes
+    artifact: str | None = None  # set on what is not the image itself: "attention" (an edit's attention maps)
 
     @property
     def prompt(self) -> str:

@@ -131,6 +131,8 @@ def replay(
 
     files = {**(inputs or {}), **input_files}
     manifest = read_record(image)
+    if manifest.artifact is not None:
+        raise DreamlabError(f"{image} is an edit's {manifest.artifact} sheet, not an image to replay; replay the edited image")
     fields: dict[str, Any] = dict(manifest.request)
     for inp in INPUTS:
         path = files.get(inp.field, files.get(inp.dest))

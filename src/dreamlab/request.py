@@ -9,7 +9,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -80,6 +80,43 @@ class ControlRequest(BaseModel):
         return v
 
 
+MAX_EDIT_WORDS = 8
+
+
+class EditSpec(BaseModel):
+    """Text-driven editing (docs/editing.md): the request's prompt is the source, ``target`` the edit.
+    Without an init image the source is generated beside the edit; with one, it is inverted first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(max_length=MAX_PROMPT_CHARS, description="the edited prompt")
+    mode: Literal["auto", "replace", "refine"] = Field(
+        "auto", description="replace: swap words of equal token counts; refine: words added; auto: replace if it can")
+    cross_replace: float = Field(0.8, ge=0.0, le=1.0, description="share of the steps with the source's cross-attention")
+    cross_replace_words: dict[str, float] = Field(default_factory=dict, max_length=MAX_EDIT_WORDS,
+                                                  description="that share per word of the target")
+    self_replace: float = Field(0.4, ge=0.0, le=1.0, description="share of the steps with the source's self-attention")
+    reweight: dict[str, float] = Field(default_factory=dict, max_length=MAX_EDIT_WORDS,
+                                       description="scale of the attention to words of the target, e.g. {'red': 2}")
+    local_blend: list[str] = Field(default_factory=list, max_length=MAX_EDIT_WORDS,
+                                   description="words whose attention masks the edit; outside, the source stays")
+    blend_threshold: float = Field(0.3, gt=0.0, lt=1.0)
+    inversion: Literal["ddim", "null-text"] = Field("null-text", description="how a given image is inverted")
+    null_text_iters: int = Field(10, ge=1, le=50, description="null-text inversion: Adam steps per sampling step")
+    auto_mask: bool = Field(False, description="DiffEdit: find the region from the prompts, then inpaint it")
+    mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    mask_noises: int = Field(10, ge=1, le=64)
+    mask_strength: float = Field(0.8, gt=0.0, le=1.0, description="DiffEdit: share of the schedule re-run in the mask")
+
+    @field_validator("cross_replace_words", "reweight")
+    @classmethod
+    def _bounded(cls, v: dict[str, float]) -> dict[str, float]:
+        for word, x in v.items():
+            if not 0.0 <= x <= 10.0 or not word.strip():
+                raise ValueError(f"{word!r}: a word and a value within 0..10")
+        return v
+
+
 class GenerationRequest(BaseModel):
     """Everything that determines an image, given the model. The CLI, HTTP API and web UI all build one."""
 
@@ -114,6 +151,7 @@ class GenerationRequest(BaseModel):
     )
     controls: list[ControlRequest] = Field(default_factory=list, max_length=MAX_CONTROLS,
                                            description="ControlNet controls; their residuals add up")
+    edit: EditSpec | None = Field(None, description="edit the prompt's image by editing the prompt (prompt-to-prompt)")
 
     @field_validator("sampler")
     @classmethod

@@ -67,9 +67,14 @@ def _prepare(x: Tensor, sigmas: Tensor) -> Tensor:
     return sigmas.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
-def _report(on_step: StepCallback | None, i: int, sigmas: Tensor, x: Tensor, denoised: Tensor) -> None:
+def _report(on_step: StepCallback | None, i: int, sigmas: Tensor, x: Tensor, denoised: Tensor) -> Tensor:
+    """Tell ``on_step`` about step i; the state to go on from (a callback may return a replacement:
+    local blending, ILVR's low-frequency replacement)."""
     if on_step is not None:
-        on_step(StepInfo(i, len(sigmas) - 1, float(sigmas[i]), float(sigmas[i + 1]), x, denoised))
+        out = on_step(StepInfo(i, len(sigmas) - 1, float(sigmas[i]), float(sigmas[i + 1]), x, denoised))
+        if out is not None:
+            return out
+    return x
 
 
 def _noise_or_default(noise: NoiseFn | None, x: Tensor) -> NoiseFn:
@@ -103,7 +108,7 @@ def _ancestral_loop(denoise, x, sigmas, cond, noise, on_step, eta: float) -> Ten
         x = denoised + (x - denoised) * (sigma_down / sigma)  # Euler step to sigma_down
         if sigma_up > 0:
             x = x + noise(i) * sigma_up
-        _report(on_step, i, sigmas, x, denoised)
+        x = _report(on_step, i, sigmas, x, denoised)
     return x
 
 
@@ -151,7 +156,7 @@ def sample_heun(denoise, x, sigmas, *, cond=None, noise=None, on_step=None) -> T
             d_next = to_d(x_next, sigma_next, denoise(x_next, sigma_next.expand(B), cond))
             x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
         x = x_next
-        _report(on_step, i, sigmas, x, denoised)
+        x = _report(on_step, i, sigmas, x, denoised)
     return x
 
 
@@ -175,7 +180,7 @@ def sample_dpmpp_2m(denoise, x, sigmas, *, cond=None, noise=None, on_step=None) 
             x = (sigma_next / sigma) * x - torch.expm1(-h) * d
             h_last = h
         old_denoised = denoised
-        _report(on_step, i, sigmas, x, denoised)
+        x = _report(on_step, i, sigmas, x, denoised)
     return x
 
 
@@ -202,7 +207,7 @@ def sample_dpmpp_2m_sde(denoise, x, sigmas, *, cond=None, noise=None, on_step=No
                 x = x + noise(i) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt()
             h_last = h
         old_denoised = denoised
-        _report(on_step, i, sigmas, x, denoised)
+        x = _report(on_step, i, sigmas, x, denoised)
     return x
 
 

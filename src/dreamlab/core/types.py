@@ -161,4 +161,6 @@ class StepInfo:
 
 
 class StepCallback(Protocol):
-    def __call__(self, info: StepInfo) -> None: ...
+    def __call__(self, info: StepInfo) -> Tensor | None:
+        """None to go on; a tensor shaped like ``info.x`` to go on from it instead (a state hook)."""
+        ...

@@ -41,7 +41,8 @@ import gradio as gr  # noqa: E402  (after the environment above)
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-CONTROL_NOTE = "ControlNet is not in the engine yet"
+CONTROL_NOTE = "Text to image, image to image and inpainting follow the control image's structure (a map, or a picture with the box ticked)."
+CONTROL_NONE = "No ControlNet for this model is installed: train one with `dreamlab train controlnet`."
 GALLERY_PAGE = 48  # images the gallery shows (newest first)
 POLL_SECONDS = 0.1  # how often a running generation looks for news of its job (a browser needs no more)
 
@@ -102,6 +103,15 @@ def build_request(
     inpaint_strength: float = 1.0,
     lowres_path: str | None = None,
     noise_level: float | None = None,
+    edit_target: str = "",
+    edit_image_path: str | None = None,
+    edit_blend: str = "",
+    edit_reweight: str = "",
+    edit_auto_mask: bool = False,
+    control_path: str | None = None,
+    control_condition: str | None = None,
+    control_scale: float = 1.0,
+    control_preprocess: bool = False,
 ) -> GenerationRequest:
     """The form's values -> a validated GenerationRequest (the schema's checks; the server's come at submit).
     Seed blank or negative: random. img2img and upscale send the uploaded file's bytes as they are; upscale
@@ -133,12 +143,39 @@ def build_request(
         fields["lowres_image"] = base64.b64encode(Path(lowres_path).read_bytes()).decode("ascii")
         fields["noise_level"] = None if noise_level is None else int(noise_level)
         del fields["width"], fields["height"]
+    elif mode == "edit":
+        if not (edit_target or "").strip():
+            raise InvalidRequestError("edit: write the edited prompt")
+        fields["edit"] = {"target": edit_target, "local_blend": (edit_blend or "").split(),
+                          "reweight": _pairs(edit_reweight), "auto_mask": bool(edit_auto_mask)}
+        if edit_image_path:  # a picture: inverted first, so sampled deterministically
+            fields["init_image"] = base64.b64encode(Path(edit_image_path).read_bytes()).decode("ascii")
+            fields["sampler"] = "ddim"
     elif mode != "txt2img":
         raise InvalidRequestError(f"unknown mode {mode!r}")
+    if control_path and mode in ("txt2img", "img2img", "inpaint"):
+        if not control_condition:
+            raise InvalidRequestError("control: this model has no ControlNet installed")
+        fields["controls"] = [{"condition": control_condition, "image": base64.b64encode(Path(control_path).read_bytes()).decode("ascii"),
+                               "scale": float(control_scale), "preprocess": bool(control_preprocess)}]
     try:
         return GenerationRequest.model_validate(fields)
     except ValidationError as e:
         raise InvalidRequestError(format_validation_error(e)) from None
+
+
+def _pairs(text: str) -> dict[str, float]:
+    """"red=2, apple=1.5" -> {"red": 2.0, "apple": 1.5}."""
+    out = {}
+    for item in (text or "").replace(",", " ").split():
+        word, sep, value = item.partition("=")
+        try:
+            out[word] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not word:
+            raise InvalidRequestError(f"reweight: write WORD=SCALE, e.g. red=2 (got {item!r})")
+    return out
 
 
 def progress_html(state: str, step: int = 0, total: int = 0, text: str = "") -> str:
@@ -177,11 +214,15 @@ def build_ui(srv: Service) -> gr.Blocks:
         return items, ids
 
     async def run(mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
-                  init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level) -> AsyncIterator[tuple]:
+                  init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level,
+                  edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
+                  control_path, control_condition, control_scale, control_preprocess) -> AsyncIterator[tuple]:
         """Submit like POST /api/jobs, then follow the job: (progress, preview, results, job id)."""
         try:
             req = build_request(mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
-                                init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level)
+                                init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level,
+                                edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
+                                control_path, control_condition, control_scale, control_preprocess)
             job = await asyncio.to_thread(srv.submit, req)
         except (DreamlabError, QueueFullError) as e:
             raise gr.Error(str(e), print_exception=False) from None
@@ -275,9 +316,28 @@ def build_ui(srv: Service) -> gr.Blocks:
                             eraser=gr.Eraser(), height=360, elem_id="mask-editor",
                         )
                         inpaint_strength = gr.Slider(0, 1, value=1.0, step=0.01, label="Strength", elem_id="inpaint-strength")
-                with gr.Group(elem_id="control"):  # shown, disabled: there is nothing to send it to yet
-                    gr.Image(label="Control image (disabled)", interactive=False, height=120, elem_id="control-image")
-                    gr.Markdown(CONTROL_NOTE, elem_id="control-note", padding=True)
+                    with gr.Tab("Edit by prompt", id="edit", elem_id="tab-edit", visible=not is_sr) as tab_edit:
+                        gr.Markdown("The prompt above is the source; write the edit (prompt-to-prompt). Without a "
+                                    "picture the source is generated beside the edit; a picture is inverted first.")
+                        edit_target = gr.Textbox(label="Edited prompt", max_length=limits.max_prompt_chars, elem_id="edit-target")
+                        edit_image = gr.Image(label="Picture to edit (optional)", type="filepath", image_mode=None,
+                                              sources=["upload", "clipboard"], height=200, elem_id="edit-image")
+                        with gr.Row():
+                            edit_blend = gr.Textbox(label="Local blend words (space separated)", elem_id="edit-blend")
+                            edit_reweight = gr.Textbox(label="Reweight (word=scale, ...)", elem_id="edit-reweight")
+                        edit_auto_mask = gr.Checkbox(label="Automatic mask (DiffEdit), then inpaint", elem_id="edit-auto-mask")
+                        gr.Markdown("Results: the edit, the source, and the edit's attention maps per token.")
+                conditions = sorted(model.controlnets())
+                with gr.Group(elem_id="control"):
+                    control_path = gr.Image(label="Control image (ControlNet)" if conditions else "Control image (no ControlNet installed)",
+                                            type="filepath", image_mode=None, sources=["upload", "clipboard"], height=160,
+                                            interactive=bool(conditions), elem_id="control-image")
+                    with gr.Row():
+                        control_condition = gr.Dropdown(conditions, value=conditions[0] if conditions else None,
+                                                        label="Condition", interactive=bool(conditions), elem_id="control-condition")
+                        control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Control scale", elem_id="control-scale")
+                        control_preprocess = gr.Checkbox(label="Compute the map from a picture", elem_id="control-preprocess")
+                    gr.Markdown(CONTROL_NOTE if conditions else CONTROL_NONE, elem_id="control-note", padding=True)
                 with gr.Row():
                     sampler = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m", label="Sampler", elem_id="sampler")
                     schedule = gr.Dropdown(list(SPACINGS), value="karras", label="Schedule", elem_id="schedule")
@@ -310,10 +370,13 @@ def build_ui(srv: Service) -> gr.Blocks:
             params = gr.Textbox(label="Selected image: parameters", lines=3, interactive=False, scale=4, elem_id="params")
             delete_btn = gr.Button("Delete selected", variant="stop", scale=1, elem_id="delete")
 
-        for tab, name in ((tab_txt, "txt2img"), (tab_img, "img2img"), (tab_inp, "inpaint"), (tab_up, "upscale")):
+        for tab, name in ((tab_txt, "txt2img"), (tab_img, "img2img"), (tab_inp, "inpaint"), (tab_up, "upscale"),
+                          (tab_edit, "edit")):
             tab.select(lambda name=name: name, None, mode, queue=False, show_progress="hidden", api_visibility="private")
         inputs = [mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
-                  init, img2img_strength, editor, inpaint_strength, lowres, noise_level]
+                  init, img2img_strength, editor, inpaint_strength, lowres, noise_level,
+                  edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
+                  control_path, control_condition, control_scale, control_preprocess]
         gen = generate.click(run, inputs, [progress, preview, results, job_id], show_progress="hidden",
                              concurrency_limit=None, api_name="generate")
         gen.then(refresh, search, [gallery, gallery_ids, selected], show_progress="hidden", api_visibility="private")

@@ -73,7 +73,8 @@ class Worker:
         try:
             request = GenerationRequest.model_validate(job.request)
             result = generate(self.model, request, on_step=lambda info: self._on_step(job.id, info))
-            records = self.gallery.save(job.id, result.images, result.records)
+            images, manifests = zip(*result.gallery_items())
+            records = self.gallery.save(job.id, list(images), list(manifests))
             self.store.complete(job.id, records)
         except Cancelled:
             self.store.mark_cancelled(job.id)
