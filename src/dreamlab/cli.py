@@ -47,7 +47,7 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
     request = make_request(**{k: v for k, v in fields.items() if v is not None})
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = model or load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    model = model or load_model(args.model, device=args.device, allow_pickle=args.allow_pickle, prediction=args.prediction)
 
     progress = None
     if not args.quiet:
@@ -215,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(inp.flag, dest=inp.dest, help=inp.help)
     g.add_argument("--strength", type=float, help="img2img: share of the schedule re-run, 0..1 (default 0.75)")
     g.add_argument("--noise-level", type=int, help="super-resolution: noise added to the low-res input, a timestep 0..999")
-    g.add_argument("--model", help="model folder (diffusers format); default: the installed default model")
+    g.add_argument("--model", help="model folder (diffusers format) or single-file SD checkpoint (.safetensors); "
+                   "default: the installed default model")
+    g.add_argument("--prediction", choices=("epsilon", "v"),
+                   help="a single-file checkpoint's prediction type, where the file does not say it right (SD 2.x: v unless it says otherwise)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
@@ -238,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="cpu")
     u.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
     u.add_argument("-q", "--quiet", action="store_true")
-    u.set_defaults(func=cmd_upscale, rescale=None, eta=None, dynamic_threshold=None, init_image=None, strength=None, mask=None)
+    u.set_defaults(func=cmd_upscale, prediction=None, rescale=None, eta=None, dynamic_threshold=None, init_image=None, strength=None, mask=None)
 
     ca = sub.add_parser("cascade", help="assemble a cascade folder from a base model and a super-resolution stage")
     ca.add_argument("base", help="text-to-image model folder (e.g. trained with --resolution 32)")

@@ -280,7 +280,8 @@ def _generate(model: ModelBundle, req: GenerationRequest, width: int, height: in
     rec = recorded(req.model_dump())  # input images hashed once for the whole batch
     common = dict(
         dreamlab_version=__version__, torch_version=torch.__version__, platform=platform.machine(),
-        model=ModelRecord(name=model.name, source=model.source, files=model.files), sampler=req.sampler,
+        model=ModelRecord(name=model.name, source=model.source, files=model.files, prediction=model.prediction.value),
+        sampler=req.sampler,
         sigmas=[float(s) for s in base.sigmas], noise_level=base.noise_level, width=width, height=height,
         stages=[StageRecord(stage=name, width=st.width, height=st.height, sigmas=[float(s) for s in st.sigmas],
                             noise_level=st.noise_level)

@@ -94,6 +94,7 @@ def replay(
     inputs: dict[str, str | None] | None = None,
     device: str = "cpu",
     allow_pickle: bool = False,
+    prediction: str | None = None,
     log=print,
     **input_files: str | None,
 ) -> ReplayReport:
@@ -122,7 +123,9 @@ def replay(
     source = model_dir or manifest.model.source
     if not source:
         raise DreamlabError("the manifest names no model folder; pass --model DIR")
-    model = load_model(source, device=device, allow_pickle=allow_pickle)
+    if prediction is None and Path(source).is_file():  # a checkpoint file: the prediction type it was sampled with
+        prediction = manifest.model.prediction
+    model = load_model(source, device=device, allow_pickle=allow_pickle, prediction=prediction)
     model_diff = diff_model_files(manifest.model.files, model.files)
     if model_diff:
         log(f"the model in {model.source} differs from the one that made this image:")
@@ -152,7 +155,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("replay", help="regenerate an image from its manifest and compare the pixels")
     r.add_argument("image", help="a PNG made by dreamlab (it carries the manifest)")
     r.add_argument("-o", "--output", default="replay.png", help="where to write the regenerated PNG")
-    r.add_argument("--model", help="model folder (default: the folder recorded in the manifest)")
+    r.add_argument("--model", help="model folder or checkpoint file (default: the one recorded in the manifest)")
+    r.add_argument("--prediction", choices=("epsilon", "v"),
+                   help="a checkpoint file's prediction type (default: the one recorded in the manifest)")
     from .request import INPUTS
 
     for inp in INPUTS:  # the input images a manifest can record, each by the sha256 of its file
@@ -167,7 +172,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .request import INPUTS
 
     report = replay(args.image, args.output, model_dir=args.model, inputs={i.field: getattr(args, i.dest) for i in INPUTS},
-                    device=args.device, allow_pickle=args.allow_pickle)
+                    device=args.device, allow_pickle=args.allow_pickle, prediction=args.prediction)
     print(f"wrote {report.output}")
     if report.identical:
         print(f"identical: all {report.pixels} pixels match {args.image}")
