@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_cli(sub)
     add_replay_cli(sub)
+    from .loading.convert import add_cli as add_convert_cli
+
+    add_convert_cli(sub)
     from .train.ship import add_cli as add_ship_cli
 
     add_ship_cli(sub)
