@@ -48,7 +48,7 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
     request = make_request(**{k: v for k, v in fields.items() if v is not None})
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = model or load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    model = model or load_model(args.model, device=args.device, allow_pickle=args.allow_pickle, prediction=args.prediction)
     for folder in getattr(args, "controlnet", None) or []:
         model.use_controlnet(folder)
 
@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preprocess", action="store_true", help="compute the control maps from pictures (Canny edges, silhouette)")
     g.add_argument("--controlnet", action="append", metavar="DIR", help="use this ControlNet folder (repeatable)")
     g.add_argument("--noise-level", type=int, help="super-resolution: noise added to the low-res input, a timestep 0..999")
-    g.add_argument("--model", help="model folder (diffusers format); default: the installed default model")
+    g.add_argument("--model", help="model folder (diffusers format) or single-file SD checkpoint (.safetensors); "
+                   "default: the installed default model")
+    g.add_argument("--prediction", choices=("epsilon", "v"),
+                   help="a single-file checkpoint's prediction type, where the file does not say it right (SD 2.x: v unless it says otherwise)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
@@ -284,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="cpu")
     u.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
     u.add_argument("-q", "--quiet", action="store_true")
-    u.set_defaults(func=cmd_upscale, rescale=None, eta=None, dynamic_threshold=None, init_image=None, strength=None, mask=None)
+    u.set_defaults(func=cmd_upscale, prediction=None, rescale=None, eta=None, dynamic_threshold=None, init_image=None, strength=None, mask=None)
 
     ca = sub.add_parser("cascade", help="assemble a cascade folder from a base model and a super-resolution stage")
     ca.add_argument("base", help="text-to-image model folder (e.g. trained with --resolution 32)")
@@ -316,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_cli(sub)
     add_replay_cli(sub)
+    from .loading.convert import add_cli as add_convert_cli
+
+    add_convert_cli(sub)
     from .train.ship import add_cli as add_ship_cli
 
     add_ship_cli(sub)

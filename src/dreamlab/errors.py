@@ -34,3 +34,8 @@ class UnsafeCheckpointError(DreamlabError):
 
 class Cancelled(DreamlabError):
     """Raised from an ``on_step`` callback to stop sampling early."""
+
+
+class CheckpointError(DreamlabError):
+    """A file that is not a checkpoint dreamlab can load: not a checkpoint at all, truncated, or of an
+    architecture it does not know or support."""

@@ -290,8 +290,8 @@ def _records(model: ModelBundle, req: GenerationRequest, seeds: list[int], width
     rec = recorded(req.model_dump())  # input images hashed once for the whole batch
     common = dict(
         dreamlab_version=__version__, torch_version=torch.__version__, platform=platform.machine(),
-        model=ModelRecord(name=model.name, source=model.source, files=model.files), sampler=req.sampler,
-        sigmas=[float(s) for s in sigmas], width=width, height=height, **more,
+        model=ModelRecord(name=model.name, source=model.source, files=model.files, prediction=model.prediction.value),
+        sampler=req.sampler, sigmas=[float(s) for s in sigmas], width=width, height=height, **more,
     )
     return [Manifest(**common, seed=s, batch_index=i, request={**rec, "seed": s, "batch": 1}) for i, s in enumerate(seeds)]
 

@@ -17,6 +17,7 @@ class ModelRecord(BaseModel):
     name: str
     source: str = ""  # the folder it was loaded from
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
+    prediction: str | None = None  # eps / v / x0 as sampled (a single-file SD 2.x checkpoint does not say it)
 
 
 class StageRecord(BaseModel):

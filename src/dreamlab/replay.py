@@ -114,6 +114,7 @@ def replay(
     inputs: dict[str, str | None] | None = None,
     device: str = "cpu",
     allow_pickle: bool = False,
+    prediction: str | None = None,
     log=print,
     control_images: list[str] | None = None,
     **input_files: str | None,
@@ -146,7 +147,9 @@ def replay(
     source = model_dir or manifest.model.source
     if not source:
         raise DreamlabError("the manifest names no model folder; pass --model DIR")
-    model = load_model(source, device=device, allow_pickle=allow_pickle)
+    if prediction is None and Path(source).is_file():  # a checkpoint file: the prediction type it was sampled with
+        prediction = manifest.model.prediction
+    model = load_model(source, device=device, allow_pickle=allow_pickle, prediction=prediction)
     for adapter in manifest.adapters or []:  # ControlNets given by folder: the same folders again
         if adapter.kind == "controlnet" and adapter.source and Path(adapter.source).is_dir():
             model.use_controlnet(adapter.source)
@@ -179,7 +182,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("replay", help="regenerate an image from its manifest and compare the pixels")
     r.add_argument("image", help="a PNG made by dreamlab (it carries the manifest)")
     r.add_argument("-o", "--output", default="replay.png", help="where to write the regenerated PNG")
-    r.add_argument("--model", help="model folder (default: the folder recorded in the manifest)")
+    r.add_argument("--model", help="model folder or checkpoint file (default: the one recorded in the manifest)")
+    r.add_argument("--prediction", choices=("epsilon", "v"),
+                   help="a checkpoint file's prediction type (default: the one recorded in the manifest)")
     from .request import INPUTS
 
     for inp in INPUTS:  # the input images a manifest can record, each by the sha256 of its file
@@ -196,7 +201,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     report = replay(args.image, args.output, model_dir=args.model, inputs={i.field: getattr(args, i.dest) for i in INPUTS},
                     control_images=args.control_image,
-                    device=args.device, allow_pickle=args.allow_pickle)
+                    device=args.device, allow_pickle=args.allow_pickle, prediction=args.prediction)
     print(f"wrote {report.output}")
     if report.identical:
         print(f"identical: all {report.pixels} pixels match {args.image}")

@@ -7,6 +7,8 @@ Layout (a Stable Diffusion diffusers folder is one; dreamlab's own models add ``
     text_encoder/, tokenizer/   a transformers encoder (optional if dreamlab.json names a packaged one)
     dreamlab.json    optional, see :class:`ModelSpec`
 
+A file instead of a folder is a single-file Stable Diffusion checkpoint (``single_file.py``).
+
 Weights load from safetensors only; a folder with only pickled weights is refused unless
 ``allow_pickle=True`` (and then diffusers/transformers load them with ``weights_only=True``).
 """
@@ -28,13 +30,19 @@ from ..errors import DreamlabError, ModelNotFoundError
 from ..models.bundle import CONCAT_INPUTS, Defaults, ModelBundle, ModelInput, SuperResolution
 from ..models.space import PixelSpace, VAESpace
 from ..models.text import Pooling, TextEncoder
+from .checkpoint import CHECKPOINT_SUFFIXES
 from .files import folder_hashes, use_safetensors
-from .text_encoders import load_folder_encoder, load_minilm
+from .text_encoders import load_clip_folder, load_folder_encoder, load_minilm
+
+# diffusers pipelines whose text encoders are Stable Diffusion's CLIP (called the way SD was trained)
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 class TextEncoderSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: Literal["folder", "minilm"] = "folder"  # minilm: the pinned PyPI package, sha256-checked
+    # minilm: the pinned PyPI package, sha256-checked; clip: Stable Diffusion's CLIP encoder(s) in text_encoder/
+    # (and text_encoder_2/: SDXL), as a folder whose model_index.json names an SD pipeline gets by default
+    source: Literal["folder", "minilm", "clip"] = "folder"
     max_length: int | None = Field(None, ge=1, le=512)
     pooling: Pooling = "pooler"
 
@@ -103,9 +111,22 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    prediction: str | Prediction | None = None,
+    config: str | Path | None = None,
 ) -> ModelBundle:
+    """A model folder, or a single-file checkpoint (``.safetensors``; ``.ckpt`` with ``allow_pickle``).
+    For a checkpoint, ``prediction`` overrides what the file says or implies (SD 2.x: v unless told) and
+    ``config`` is a diffusers folder whose configs to use instead of the bundled ones."""
     explicit = path is not None
     root = Path(path).expanduser() if explicit else default_model_dir()
+    if root.is_file() or root.suffix.lower() in CHECKPOINT_SUFFIXES:
+        from .single_file import load_single_file
+
+        return load_single_file(root, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction,
+                                config=config)
+    if prediction is not None or config is not None:
+        raise DreamlabError(f"{root} is a model folder: its scheduler_config.json says its prediction type and its "
+                            "configs are its own (prediction and config are for single-file checkpoints)")
     spec = read_spec(root)
     if spec.cascade is not None:
         return _load_cascade(root, spec, device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -152,6 +173,9 @@ def _load_folder(
         text_encoder = None
     elif text_encoder is None and te.source == "minilm":
         text_encoder = load_minilm(te.max_length or 32, device=str(device))
+    elif text_encoder is None and (te.source == "clip" or ("text_encoder" not in spec.model_fields_set
+                                                            and _sd_pipeline(root))):
+        text_encoder = load_clip_folder(root, device=str(device), allow_pickle=allow_pickle)
     elif text_encoder is None:
         text_encoder = load_folder_encoder(
             root, max_length=te.max_length, pooling=te.pooling, device=str(device), allow_pickle=allow_pickle
@@ -170,6 +194,8 @@ def _load_folder(
                 f"{unet.config.projection_class_embeddings_input_dim} to its timestep embedding, but its text encoder "
                 + ("gives none" if pooled_dim is None else f"gives one of width {pooled_dim}")
             )
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        _check_text_time(root, unet, text_encoder)
     sample_size = spec.sample_size or int(unet.config.sample_size) * space.factor
     sr = None
     inputs = tuple(dict.fromkeys(spec.inputs))
@@ -198,6 +224,25 @@ def _load_folder(
         defaults=Defaults(**{k: v for k, v in spec.defaults.model_dump().items() if v is not None}),
         inputs=inputs,
     )
+
+
+def _sd_pipeline(root: Path) -> bool:
+    index = root / "model_index.json"
+    try:
+        return index.is_file() and json.loads(index.read_text()).get("_class_name") in SD_PIPELINES
+    except ValueError:
+        return False
+
+
+def _check_text_time(root: Path, unet, text_encoder) -> None:
+    """SDXL's added conditioning: the pooled prompt embedding and six size numbers, each embedded in
+    addition_time_embed_dim, must make projection_class_embeddings_input_dim."""
+    pooled = getattr(text_encoder, "pooled_dim", None)
+    want = int(unet.config.projection_class_embeddings_input_dim)
+    if pooled is None or pooled + 6 * int(unet.config.addition_time_embed_dim) != want:
+        raise DreamlabError(f"the UNet in {root} takes SDXL's size and pooled-text conditioning ({want} numbers), "
+                            "which its text encoder " + ("does not give" if pooled is None else
+                                                         f"does not fit (pooled width {pooled})"))
 
 
 def _check_channels(root: Path, unet, space, inputs: tuple[str, ...]) -> None:

@@ -1,10 +1,13 @@
-"""Text encoders that load offline: the packaged MiniLM, or a transformers folder inside a model."""
+"""Text encoders that load offline: the packaged MiniLM, a transformers folder inside a model, or Stable
+Diffusion's CLIP encoder(s) inside a diffusers folder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import DreamlabError, ModelNotFoundError
+from ..models.clip import ClipTextEncoder
 from ..models.text import Pooling, TransformersTextEncoder
 from .files import use_safetensors, verify_sha256
 
@@ -59,3 +62,28 @@ def load_folder_encoder(
         raise DreamlabError(f"cannot load the text encoder in {model_dir}: {str(e).splitlines()[0]}") from None
     length = max_length or min(int(getattr(tokenizer, "model_max_length", 77)), 512)
     return TransformersTextEncoder(tokenizer, model, max_length=length, pooling=pooling, device=device)
+
+
+def load_clip_folder(model_dir: Path, *, device: str, allow_pickle: bool) -> ClipTextEncoder:
+    """Stable Diffusion's CLIP encoder(s) of a diffusers folder: ``text_encoder/`` + ``tokenizer/``, and for
+    SDXL ``text_encoder_2/`` + ``tokenizer_2/`` (two encoders are SDXL's: their penultimate states)."""
+    import transformers
+
+    _quiet_transformers()
+    names = ["text_encoder", "text_encoder_2"] if (model_dir / "text_encoder_2").is_dir() else ["text_encoder"]
+    parts = []
+    for name in names:
+        enc_dir, tok_dir = model_dir / name, model_dir / name.replace("text_encoder", "tokenizer")
+        for d in (enc_dir, tok_dir):
+            if not d.is_dir():
+                raise ModelNotFoundError(f"{model_dir} has no {d.name}/ folder")
+        try:
+            kind = (json.loads((enc_dir / "config.json").read_text()).get("architectures") or ["CLIPTextModel"])[0]
+            if kind not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+                raise DreamlabError(f"{enc_dir} holds a {kind}, not a CLIP text model")
+            model = getattr(transformers, kind).from_pretrained(
+                enc_dir, local_files_only=True, use_safetensors=use_safetensors(enc_dir, allow_pickle))
+            parts.append((transformers.CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True), model))
+        except (OSError, ValueError) as e:
+            raise DreamlabError(f"cannot load the text encoder in {enc_dir}: {str(e).splitlines()[0]}") from None
+    return ClipTextEncoder(parts, penultimate=len(parts) == 2, device=device)

@@ -78,7 +78,8 @@ class ModelBundle:
         """The model as a denoiser; ``wrappers`` see every network call (ControlNet residuals, concatenated
         inputs), ``sigmas`` (the sampler's grid) gives each call its step index."""
         return Denoiser(
-            UNetModelFn(self.unet, use_mask=self.use_mask, pass_call=self.pass_call), self.schedule, self.prediction,
+            UNetModelFn(self.unet, use_mask=self.use_mask, pass_call=self.pass_call, pixel_factor=self.space.factor),
+            self.schedule, self.prediction,
             model_dtype=self.dtype, wrappers=tuple(wrappers), sigmas=sigmas,
         )
 

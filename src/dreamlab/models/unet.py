@@ -25,14 +25,22 @@ class UNetModelFn:
 
     pass_call: give attention processors the ModelCall (``cross_attention_kwargs={"call": call}``), so
     they know the step, sigma and the role of every row; set by the attention-processor patch.
+
+    added_cond_kwargs: a UNet with ``addition_embed_type="text_time"`` (SDXL) gets the pooled prompt
+    embedding as ``text_embeds`` and the size conditioning as ``time_ids`` (:func:`size_ids`) of the image
+    being made, which is the state's size times ``pixel_factor`` (the space's).
     """
 
-    def __init__(self, unet, *, use_mask: bool = False, pass_call: bool = False):
+    def __init__(self, unet, *, use_mask: bool = False, pass_call: bool = False, pixel_factor: int | None = None):
         self.unet = unet
         self.use_mask = use_mask
         self.pass_call = pass_call
+        self.pixel_factor = pixel_factor
         config = getattr(unet, "module", unet).config  # DDP(unet) in training
         self.takes_pooled = getattr(config, "class_embed_type", None) == "projection"
+        self.takes_text_time = getattr(config, "addition_embed_type", None) == "text_time"
+        if self.takes_text_time and pixel_factor is None:
+            raise ValueError("a UNet with size conditioning (SDXL) needs pixel_factor: image size / state size")
 
     def inputs(self, call: ModelCall) -> tuple[Tensor, Tensor, Tensor | None, dict]:
         """(sample, timestep, encoder_hidden_states, keyword arguments) of the UNet for ``call``, without
@@ -53,6 +61,11 @@ class UNetModelFn:
                     raise ValueError("this UNet adds the pooled prompt embedding to its timestep embedding: the "
                                      "conditioning has no pooled embedding (a text encoder with pooling 'none'?)")
                 kwargs["class_labels"] = cond.pooled.to(x_t.dtype)
+            if self.takes_text_time:
+                if cond.pooled is None:
+                    raise ValueError("this UNet (SDXL) takes the pooled prompt embedding: the conditioning has none")
+                ids = size_ids(x_t.shape[0], x_t.shape[-2] * self.pixel_factor, x_t.shape[-1] * self.pixel_factor)
+                kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(x_t.dtype), "time_ids": ids.to(x_t)}
         if tokens is not None:
             tokens = tokens.to(x_t.dtype)
         t = call.t if call.sigma is None else call.t.float()  # training keeps its integer timesteps
@@ -66,3 +79,9 @@ class UNetModelFn:
         if self.pass_call:
             kwargs["cross_attention_kwargs"] = {"call": call}
         return self.unet(x_t, t, encoder_hidden_states=tokens, return_dict=False, **kwargs)[0]
+
+
+def size_ids(rows: int, height: int, width: int) -> Tensor:
+    """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): (original height, width, crop top, crop
+    left, target height, width) per row, with diffusers' defaults: the image made, at its size, uncropped."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(rows, 6)

@@ -9,7 +9,10 @@ import sys
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="HTTP API, job queue and web UI")
-    s.add_argument("--model", help="model folder (diffusers format); default: the installed default model")
+    s.add_argument("--model", help="model folder (diffusers format) or single-file SD checkpoint (.safetensors); "
+                   "default: the installed default model")
+    s.add_argument("--prediction", choices=("epsilon", "v"),
+                   help="a single-file checkpoint's prediction type, where the file does not say it right (SD 2.x: v unless it says otherwise)")
     s.add_argument("--data", default="dreamlab-data", help="folder for the job database and the gallery (default: %(default)s)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; the API has no authentication)")
     s.add_argument("--port", type=int, default=7860)
@@ -34,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from ..loading.model import load_model
     from .app import create_app
     from .service import Limits
 
@@ -53,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loopback = args.host == "localhost"
     if not loopback:
         print(f"warning: binding {args.host}: anyone who can reach it can use this server (no authentication)", file=sys.stderr)
-    app = create_app(args.model, args.data, limits=limits, preview_every=args.preview_every,
+    model = load_model(args.model, device=args.device, allow_pickle=args.allow_pickle, prediction=args.prediction)
+    app = create_app(model, args.data, limits=limits, preview_every=args.preview_every,
                      cors_origins=tuple(args.cors_origin), ui=not args.no_ui, device=args.device,
                      allow_pickle=args.allow_pickle)
     print(f"dreamlab serving on http://{args.host}:{args.port}/  (API docs: /docs, schema: /openapi.json)", flush=True)
