@@ -135,3 +135,34 @@ def _other_model(tmp_path):
     from dreamlab.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path / "other", seed=5)
+
+
+def test_controls_work_with_img2img_and_inpainting(model, tmp_path):
+    model.use_controlnet(_controlnet(model, tmp_path / "cn", perturb=True))
+    edges = encode_image(_edges_png(tmp_path / "e.png"))
+    source = encode_image(Image.new("RGBA", (16, 16), (200, 40, 40, 255)))
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    for extra in ({"init_image": source, "strength": 0.6},
+                  {"init_image": source, "mask_image": encode_image(Image.fromarray(mask, "L")), "strength": 1.0}):
+        plain = generate(model, make_request(prompt="red apple", seed=1, steps=4, **extra))
+        controlled = generate(model, make_request(prompt="red apple", seed=1, steps=4, **extra,
+                                                  controls=[{"condition": "canny", "image": edges}]))
+        assert not torch.equal(plain.pixels, controlled.pixels)
+        if "mask_image" in extra:  # the known pixels stay the source's
+            keep = torch.from_numpy(mask == 0)
+            assert torch.equal(plain.pixels[0][:, keep], controlled.pixels[0][:, keep])
+
+
+def test_fidelity_metrics_on_known_maps():
+    from dreamlab.eval.control import edge_f1, iou
+
+    a = np.zeros((16, 16), bool)
+    a[4, 2:14] = True
+    assert edge_f1(a, a) == 1.0
+    shifted = np.roll(a, 1, axis=0)  # one pixel off: inside the tolerance
+    assert edge_f1(a, shifted) == 1.0 and edge_f1(a, np.roll(a, 3, axis=0)) == 0.0
+    half = a.copy()
+    half[4, 8:] = False  # precision 1; recall 7/12 (the tolerance reaches one pixel past the cut)
+    assert edge_f1(a, half) == pytest.approx(2 * (7 / 12) / (1 + 7 / 12))
+    assert iou(a, half) == pytest.approx(0.5)

@@ -311,10 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("samplers", help="list the samplers")
     s.set_defaults(func=cmd_samplers)
 
+    from .eval.control import add_cli as add_control_eval_cli
     from .edit_cli import add_cli as add_edit_cli
     from .replay import add_cli as add_replay_cli
 
     add_edit_cli(sub)
+    add_control_eval_cli(sub)
     from .server.cli import add_cli as add_serve_cli
 
     add_serve_cli(sub)

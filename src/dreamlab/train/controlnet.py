@@ -151,15 +151,16 @@ def train_controlnet(cfg: ControlNetConfig) -> Path:
         if step % cfg.log_every == 0:
             log.write(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], train_hours=spent / 3600)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        info = {"steps": step, "train_hours": spent / 3600, "device": str(d.device), "condition": cfg.condition,
+                "batch_size": B, "lr": cfg.lr, "cond_dropout": cfg.cond_dropout}
+        if step % cfg.snapshot_every == 0 or step == cfg.steps:
+            _export(net, ema, out / "snapshots" / f"step-{step:07d}", cfg, model, info)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            info = {"steps": step, "train_hours": spent / 3600, "device": str(d.device), "condition": cfg.condition,
-                    "batch_size": B, "lr": cfg.lr, "cond_dropout": cfg.cond_dropout}
             save_checkpoint(out, step, net, ema, opt, {"config": "config.json", "train_seconds": spent})
-            if step % cfg.snapshot_every == 0 or step == cfg.steps:
-                _export(net, ema, out / "snapshots" / f"step-{step:07d}", cfg, model, info)
             _export(net, ema, out / "controlnet", cfg, model, info, dtype=None)
             log.plot(("loss",))
-            t_mark = time.time()
+        if step % cfg.snapshot_every == 0 or step % cfg.ckpt_every == 0:
+            t_mark = time.time()  # exports are not training compute
     bar.close()
     return out / "controlnet"
 
