@@ -1,8 +1,8 @@
 """The HTTP face of the server: the FastAPI app factory, its routes and response models. Thin: each route
 calls the service (``service.py``: checks, queue, gallery, following a job) and turns what it returns into
 JSON; the worker runs ``generate``. dreamlab's routes are under ``/api``, the AUTOMATIC1111-compatible ones
-under ``/sdapi/v1`` (``a1111.py``); the Gradio web UI (``ui.py``, the other face of the same service) is
-mounted at ``/``."""
+under ``/sdapi/v1`` (``a1111.py``), the offline API docs at ``/docs`` and ``/redoc`` (``docs.py``); the Gradio
+web UI (``ui.py``, the other face of the same service) is mounted at ``/``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ..generate import GenerationRequest
 from ..models.bundle import ModelBundle
 from . import a1111
 from .a1111_schema import NO_OPS
+from .docs import mount_docs
 from .queue import ImageRecord, Job, JobState, QueueFullError
 from .service import JobFinishedError, JobView, Limits, Service  # Limits: create_app's, importable from here too
 
@@ -205,6 +206,8 @@ def create_app(
         description="Diffusion image generation: a persistent job queue, progress streaming and a gallery.",
         lifespan=lifespan,
         max_body_size=limits.max_body_bytes,
+        docs_url=None,  # mount_docs serves them, with their assets
+        redoc_url=None,
     )
     app.state.server = srv  # the Service (tests reach its store through it)
     app.openapi = lambda: _openapi(app, srv)  # type: ignore[method-assign]
@@ -354,6 +357,7 @@ def create_app(
         return {"status": "ok"}
 
     app.include_router(a1111.a1111_router(srv))
+    mount_docs(app)
 
     if ui:  # last: the UI is mounted at "/", so it gets only what no route above matched
         from .ui import mount_ui
