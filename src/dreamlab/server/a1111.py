@@ -216,10 +216,11 @@ async def _generate(srv: Service, settings: Settings, body: A1111Request, reques
     if ended.state == "failed":
         raise HTTPException(500, f"job {job.id} failed: {ended.job.error}")
     view = srv.view(srv.job(job.id) or ended.job)  # with its request, which follow's views leave out
-    images = [_b64(path.read_bytes()) for im in view.images if (path := srv.image_path(im)) is not None]
+    images = []
+    if body.send_images:  # the gallery's files, as stored
+        images = [_b64(path.read_bytes()) for im in view.images if (path := srv.image_path(im)) is not None]
     hidden = {} if not isinstance(body, Img2ImgRequest) or body.include_init_images else {"init_images": None, "mask": None}
-    return {"images": images if body.send_images else [], "parameters": {**body.model_dump(), **hidden},
-            "info": json.dumps(_info(srv, view, settings, body))}
+    return {"images": images, "parameters": {**body.model_dump(), **hidden}, "info": json.dumps(_info(srv, view, settings, body))}
 
 
 def _submit(srv: Service, settings: Settings, body: A1111Request) -> Job:
