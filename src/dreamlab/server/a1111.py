@@ -99,7 +99,7 @@ class ScriptsList(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": A1111Error, "description": what} for code, what in (
-    (404, "unknown sampler"), (413, "request too large"), (422, "a field dreamlab cannot honour, or a bad value"),
+    (404, "unknown sampler"), (422, "a field dreamlab cannot honour, or a bad value"),
     (429, "queue full"), (500, "the job failed"), (503, "stopped waiting for the job"))}
 
 
