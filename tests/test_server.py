@@ -355,7 +355,12 @@ def test_info_ui_and_openapi(tiny, tmp_path):
         schema = client.get("/openapi.json").json()
         assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events", "/api/jobs/{job_id}/cancel",
                 "/api/gallery", "/api/gallery/{image_id}", "/api/gallery/{image_id}/image"} <= set(schema["paths"])
-        assert all(path.startswith("/api/") for path in schema["paths"])  # the UI's routes are not the API's
+        assert all(path.startswith(("/api/", "/sdapi/v1/")) for path in schema["paths"])  # the UI's are not the API's
+        for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):  # offline docs
+            r = client.get(page)
+            assert r.status_code == 200 and r.headers["content-security-policy"].startswith("default-src 'self'")
+            assert f"/docs-assets/{asset}" in r.text and "http" not in r.text.replace("http-equiv", "")
+            assert client.get(f"/docs-assets/{asset}").status_code == 200
         assert "GenerationRequest" in schema["components"]["schemas"]
         for url in ("/api/nope", "/api/jobs/" + "0" * 32):  # unknown API paths stay JSON 404s under the mount
             r = client.get(url)

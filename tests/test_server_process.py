@@ -2,15 +2,9 @@
 then restarted on the same data folder: every job completes, once, and the interrupted one makes the same
 image as an uninterrupted run."""
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,47 +12,7 @@ from PIL import Image
 from dreamlab.generate import generate, make_request
 from dreamlab.loading.model import load_model
 from dreamlab.models.tiny import make_tiny_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, model: Path, data: Path, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.log = open(data.parent / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dreamlab.cli", "serve", "--model", str(model), "--data", str(data),
-             "--port", str(self.port), "--threads", "1", "--log-level", "warning", "--no-ui", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=10)
-        deadline = time.monotonic() + 90
-        while True:
-            assert self.proc.poll() is None, f"server exited: {Path(self.log.name).read_text()}"
-            assert time.monotonic() < deadline, "server did not start in 90 s"
-            try:
-                if self.client.get("/api/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.client.close()
-        self.log.close()
+from server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -266,3 +266,27 @@ def test_img2img_from_a_file_and_inpaint_with_the_mask_brush(live, browser, tmp_
     assert not np.array_equal(out[~keep], arr[~keep])
 
     assert elsewhere == []
+
+
+def test_api_docs_render_offline(live, browser):
+    """Swagger UI and ReDoc from this server's own copies of their scripts (the fastapi-offline wheel): both
+    render the schema, A1111 routes included, and ask no other host for anything (the pages' policy stops
+    the Redocly logo ReDoc's menu shows before it is requested; that is the only thing it stops)."""
+    url, _ = live
+    page, elsewhere = browser
+    page.add_init_script("window.__blocked = []; document.addEventListener('securitypolicyviolation', "
+                         "e => window.__blocked.push(e.blockedURI))")
+    page.goto(f"{url}/docs")
+    page.wait_for_selector(".opblock-summary-path")
+    paths = page.locator(".opblock-summary-path").all_text_contents()
+    assert {"/api/jobs", "/api/gallery", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/png-info"} <= set(paths)
+    assert "dreamlab" in page.text_content(".info .title")
+    assert page.evaluate("window.__blocked") == []
+
+    page.goto(f"{url}/redoc")
+    page.wait_for_selector("h1")
+    assert page.text_content("h1").startswith("dreamlab")
+    page.wait_for_function("[...document.querySelectorAll('h2')].some(h => h.textContent.includes('Txt2Img'))")
+    assert "/sdapi/v1/img2img" in page.text_content("body")
+    assert set(page.evaluate("window.__blocked")) <= {"https://cdn.redoc.ly/redoc/logo-mini.svg"}
+    assert elsewhere == []

@@ -7,7 +7,6 @@ guider, and then the one sampling loop runs image by image.
 
 from __future__ import annotations
 
-import inspect
 import math
 import platform
 import secrets
@@ -25,7 +24,7 @@ from .control.inpaint import inpaint
 from .core.guidance import dynamic_threshold
 from .core.guiders import CFG, guide
 from .core.noise import MAX_SEED, NoiseSource, stream_seed
-from .core.samplers import SAMPLERS, get_sampler, prior_std
+from .core.samplers import get_sampler, prior_std, takes_eta
 from .core.schedules import truncate
 from .core.types import Cond, DenoiseFn, ModelWrapper, StepCallback
 from .errors import InvalidRequestError
@@ -89,7 +88,7 @@ def resolve(model: ModelBundle, req: GenerationRequest) -> GenerationRequest:
 def _sampler_options(req: GenerationRequest) -> dict[str, Any]:
     if req.eta is None:
         return {}
-    if "eta" not in inspect.signature(SAMPLERS[req.sampler]).parameters:
+    if not takes_eta(req.sampler):
         raise InvalidRequestError(f"sampler '{req.sampler}' takes no eta")
     return {"eta": req.eta}
 

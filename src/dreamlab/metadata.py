@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,14 @@ from .errors import DreamlabError
 from .manifest import Manifest
 
 MANIFEST_KEY = "dreamlab"
+_PAIR = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')  # Key: value, or Key: "value, quoted"
+
+
+def weights_sha256(files: dict[str, str]) -> str | None:
+    """The sha256 of the model's UNet weights file, from a model's {relative path: sha256}; its first 10
+    hex digits are the "Model hash" A1111 shows (A1111 hashes the one checkpoint file)."""
+    weights = [h for p, h in sorted(files.items()) if p.startswith("unet/") and p.endswith(".safetensors")]
+    return weights[0] if weights else None
 
 
 def a1111_parameters(manifest: Manifest | dict[str, Any]) -> str:
@@ -25,7 +34,7 @@ def a1111_parameters(manifest: Manifest | dict[str, Any]) -> str:
     lines = [m.prompt]
     if m.negative_prompt:
         lines.append(f"Negative prompt: {m.negative_prompt}")
-    weights = [h for p, h in m.model.files.items() if p.startswith("unet/") and p.endswith(".safetensors")]
+    weights = weights_sha256(m.model.files)
     pairs = {
         "Steps": req["steps"],
         "Sampler": req["sampler"],
@@ -34,12 +43,45 @@ def a1111_parameters(manifest: Manifest | dict[str, Any]) -> str:
         "Denoising strength": req["strength"] if req.get("init_image") else None,
         "Seed": m.seed,
         "Size": f"{m.width}x{m.height}",
-        "Model hash": weights[0][:10] if weights else None,
+        "Model hash": weights[:10] if weights else None,
         "Model": m.model.name,
         "Version": f"dreamlab {m.dreamlab_version}",
     }
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items() if v is not None))
     return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """The fields of a ``parameters`` text (ours or any A1111-style one), as A1111's PNG-info reads them:
+    "Prompt", "Negative prompt", then each "Key: value" of the last line, values as text ("Size" also as
+    "Size-1" and "Size-2", width and height)."""
+    lines = text.strip().split("\n")
+    pairs: dict[str, str] = {}
+    if len(lines) > 1 and len(found := _PAIR.findall(lines[-1])) >= 3:
+        lines.pop()
+        pairs = {key: _unquote(value.strip()) for key, value in found}
+    prompt: list[str] = []
+    negative: list[str] | None = None
+    for line in lines:
+        if negative is None and line.startswith("Negative prompt:"):
+            negative = [line.removeprefix("Negative prompt:").strip()]
+        elif negative is not None:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative or []), **pairs}
+    if size := re.fullmatch(r"(\d+)x(\d+)", pairs.get("Size", "")):
+        fields["Size-1"], fields["Size-2"] = size.groups()
+    return fields
+
+
+def _unquote(value: str) -> str:
+    if value.startswith('"'):
+        try:
+            return str(json.loads(value))
+        except ValueError:
+            pass
+    return value
 
 
 def save_png(image: Image.Image, path: str | Path, manifest: Manifest | dict[str, Any]) -> Path:

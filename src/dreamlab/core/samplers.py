@@ -13,6 +13,7 @@ Equivalences, exact in this form (and checked against diffusers in the tests):
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Protocol
 
@@ -55,6 +56,11 @@ def get_sampler(name: str) -> Sampler:
         return SAMPLERS[name]
     except KeyError:
         raise UnknownNameError(f"unknown sampler '{name}'; known: {', '.join(sorted(SAMPLERS))}") from None
+
+
+def takes_eta(name: str) -> bool:
+    """Whether the sampler has an ``eta`` option (the noise of ddim / ancestral / sde samplers)."""
+    return "eta" in inspect.signature(get_sampler(name)).parameters
 
 
 # ---------------------------------------------------------------------------------------------- helpers

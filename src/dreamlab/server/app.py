@@ -1,7 +1,8 @@
 """The HTTP face of the server: the FastAPI app factory, its routes and response models. Thin: each route
 calls the service (``service.py``: checks, queue, gallery, following a job) and turns what it returns into
-JSON; the worker runs ``generate``. Every route is under ``/api``; the Gradio web UI (``ui.py``, the other
-face of the same service) is mounted at ``/``."""
+JSON; the worker runs ``generate``. dreamlab's routes are under ``/api``, the AUTOMATIC1111-compatible ones
+under ``/sdapi/v1`` (``a1111.py``), the offline API docs at ``/docs`` and ``/redoc`` (``docs.py``); the Gradio
+web UI (``ui.py``, the other face of the same service) is mounted at ``/``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from ..core.schedules import SPACINGS
 from ..errors import DreamlabError, InvalidRequestError, UnknownNameError
 from ..generate import GenerationRequest
 from ..models.bundle import ModelBundle
+from . import a1111
+from .a1111_schema import NO_OPS
+from .docs import mount_docs
 from .queue import ImageRecord, Job, JobState, QueueFullError
 from .service import JobFinishedError, JobView, Limits, Service  # Limits: create_app's, importable from here too
 
@@ -111,8 +115,11 @@ def _safe(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": _safe(detail)}, status_code=status, headers=headers)
+def _error(request: Request, exc: Exception, status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """``{"detail": "<one line>"}``; on the A1111 routes, A1111's error shape around the same line."""
+    detail = _safe(detail)
+    body = a1111.error_body(exc, status, detail) if request.url.path.startswith(a1111.PREFIX + "/") else {"detail": detail}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _one_line(errors: list[dict[str, Any]]) -> str:
@@ -199,6 +206,8 @@ def create_app(
         description="Diffusion image generation: a persistent job queue, progress streaming and a gallery.",
         lifespan=lifespan,
         max_body_size=limits.max_body_bytes,
+        docs_url=None,  # mount_docs serves them, with their assets
+        redoc_url=None,
     )
     app.state.server = srv  # the Service (tests reach its store through it)
     app.openapi = lambda: _openapi(app, srv)  # type: ignore[method-assign]
@@ -213,20 +222,20 @@ def create_app(
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         status = 400 if any(e.get("loc", ("",))[0] == "path" for e in errors) else 422
-        return _error(status, _one_line(errors))
+        return _error(request, exc, status, _one_line(errors))
 
     @app.exception_handler(UnknownNameError)
     @app.exception_handler(InvalidRequestError)
     async def _bad_request(request: Request, exc: DreamlabError) -> JSONResponse:
-        return _error(422, str(exc))
+        return _error(request, exc, 422, str(exc))
 
     @app.exception_handler(DreamlabError)
     async def _dreamlab(request: Request, exc: DreamlabError) -> JSONResponse:
-        return _error(400, str(exc))
+        return _error(request, exc, 400, str(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return _error(request, exc, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     # --- jobs ---
 
@@ -347,6 +356,9 @@ def create_app(
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    app.include_router(a1111.a1111_router(srv))
+    mount_docs(app)
+
     if ui:  # last: the UI is mounted at "/", so it gets only what no route above matched
         from .ui import mount_ui
 
@@ -356,30 +368,44 @@ def create_app(
 
 
 def _openapi(app: FastAPI, srv: Service) -> dict[str, Any]:
-    """FastAPI's schema, with GenerationRequest's bounds narrowed to what this server and model accept
-    (sampler names, limits, the size multiple), so clients and fuzzers see the real contract."""
+    """FastAPI's schema, with the requests' bounds narrowed to what this server and model accept
+    (GenerationRequest's sampler names; the limits and the size multiple; for A1111's requests also the
+    values that change nothing of the fields dreamlab lacks), so clients and fuzzers see the real contract."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        props = schema["components"]["schemas"]["GenerationRequest"]["properties"]
-
-        def narrow(name: str, **keys: Any) -> None:
-            prop = props[name]
-            for branch in prop.get("anyOf", [prop]):
-                if branch.get("type") in ("integer", "string"):
-                    branch.update(keys)
-
+        models = schema["components"]["schemas"]
         lim, f = srv.limits, srv.model.space.factor
-        narrow("sampler", enum=sorted(SAMPLERS))
-        narrow("steps", maximum=lim.max_steps)
-        narrow("batch", maximum=lim.max_batch)
-        narrow("prompt", maxLength=lim.max_prompt_chars)
-        narrow("negative_prompt", maxLength=lim.max_prompt_chars)
-        for side in ("width", "height"):
-            narrow(side, maximum=lim.max_side - lim.max_side % f, minimum=max(8, f), multipleOf=f)
+        _narrow(models["GenerationRequest"]["properties"], "sampler", enum=sorted(SAMPLERS))
+        _narrow(models["GenerationRequest"]["properties"], "batch", maximum=lim.max_batch)
+        for name in ("GenerationRequest", "Txt2ImgRequest", "Img2ImgRequest"):
+            props = models[name]["properties"]
+            _narrow(props, "steps", minimum=1, maximum=lim.max_steps)
+            _narrow(props, "prompt", maxLength=lim.max_prompt_chars)
+            _narrow(props, "negative_prompt", maxLength=lim.max_prompt_chars)
+            for side in ("width", "height"):
+                _narrow(props, side, maximum=lim.max_side - lim.max_side % f, minimum=max(8, f), multipleOf=f)
+        for name in ("Txt2ImgRequest", "Img2ImgRequest"):
+            props = models[name]["properties"]
+            for key in ("batch_size", "n_iter"):
+                _narrow(props, key, minimum=1, maximum=lim.max_batch)
+            _narrow(props, "cfg_scale", minimum=0, maximum=50)
+            for key in ("denoising_strength", "eta"):
+                _narrow(props, key, minimum=0, maximum=1)
+            for no_op in NO_OPS:
+                if no_op.field in props and no_op.values:
+                    props[no_op.field] = {"title": props[no_op.field].get("title", no_op.field),
+                                          "enum": list(no_op.values), "description": f"only these: {no_op.why}"}
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _narrow(props: dict[str, Any], name: str, **keys: Any) -> None:
+    prop = props[name]
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") in ("integer", "number", "string"):
+            branch.update(keys)
 
 
 async def _events(srv: Service, job_id: str, request: Request) -> AsyncIterator[str]:

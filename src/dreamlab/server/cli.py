@@ -61,6 +61,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(model, args.data, limits=limits, preview_every=args.preview_every,
                      cors_origins=tuple(args.cors_origin), ui=not args.no_ui, device=args.device,
                      allow_pickle=args.allow_pickle)
-    print(f"dreamlab serving on http://{args.host}:{args.port}/  (API docs: /docs, schema: /openapi.json)", flush=True)
+    print(f"dreamlab serving on http://{args.host}:{args.port}/  (API docs: /docs, /redoc; A1111 API: /sdapi/v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

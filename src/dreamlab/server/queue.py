@@ -271,9 +271,15 @@ class JobStore:
 
     def get(self, job_id: str, *, with_request: bool = True) -> Job | None:
         """``with_request=False`` skips the request (it can hold megabytes of base64 images)."""
-        columns = "*" if with_request else ", ".join(c for c in _JOB_COLUMNS if c != "request")
         with self._lock:
-            row = self._db.execute(f"SELECT {columns} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_columns(with_request)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def running(self) -> Job | None:
+        """The running job (the oldest, should there be more), without its request."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_columns(False)} FROM jobs WHERE state = 'running' ORDER BY seq LIMIT 1").fetchone()
         return _job(row) if row else None
 
     def position(self, job: Job) -> int | None:
@@ -360,6 +366,10 @@ class JobStore:
 
 
 _JOB_COLUMNS = ("seq", "id", "state", "request", "created", "started", "finished", "attempts", "cancel_requested", "error")
+
+
+def _columns(with_request: bool) -> str:
+    return "*" if with_request else ", ".join(c for c in _JOB_COLUMNS if c != "request")
 
 
 def _job(row: sqlite3.Row) -> Job:

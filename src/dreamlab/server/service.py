@@ -209,6 +209,11 @@ class Service:
             raise JobFinishedError(job)
         return self.store.cancel(job_id)
 
+    def running(self) -> JobView | None:
+        """The job the worker is running now (None while it is idle), without its request."""
+        job = self.store.running()
+        return self.view(job) if job is not None else None
+
     def preview(self, job_id: str) -> bytes | None:
         """The running job's latest preview PNG."""
         progress = self.store.progress(job_id)
