@@ -9,8 +9,8 @@
    prompt-to-prompt, same-seed regeneration and SDEdit at two strengths.
 3. Inversion of held-out real emoji: reconstruction PSNR for DDIM and null-text at CFG 1 and 5, and
    seconds per image.
-4. DiffEdit: IoU of the automatic mask against the true changed half, on composites of two emoji side
-   by side, one of them edited in the target.
+4. DiffEdit: IoU of the automatic mask against the true changed region (the edited emoji's silhouette),
+   on composites of two emoji side by side, the left one named differently in the target.
 """
 
 from __future__ import annotations
@@ -167,32 +167,36 @@ def main() -> None:
         print(json.dumps(inv, indent=1))
 
     if "diffedit" not in skip:
-        ious = []
-        swaps = [("red heart", "blue heart"), ("cat face", "dog face"), ("red apple", "green apple"), ("sun", "full moon"),
-                 ("grinning face", "angry face"), ("pizza", "hamburger"), ("rocket", "airplane"), ("pear", "lemon")]
-        figure = []
-        for k, (left, target) in enumerate(swaps):
-            right = PAIRS[(k * 5) % len(PAIRS)][0]
-            a = generate(model, make_request(prompt=left, seed=k, **base)).images[0]
-            b = generate(model, make_request(prompt=right, seed=k, **base)).images[0]
-            comp = Image.new("RGBA", (128, 64), (0, 0, 0, 0))
-            comp.alpha_composite(a, (0, 0))
-            comp.alpha_composite(b, (64, 0))
-            path = Path(os.environ["DREAMLAB_CACHE"]) / f"composite-{k}.png"
-            comp.save(path)
-            res = generate(model, make_request(prompt=f"{left} and {right}", seed=k, **base, width=128, height=64,
-                                               init_image=encode_image(path), sampler="ddim",
-                                               edit={"target": f"{target} and {right}", "auto_mask": True}))
-            m = np.asarray(res.masks[0]) > 0
-            truth = np.zeros_like(m)
-            truth[:, :64] = True
-            ious.append(float((m & truth).sum() / max(1, (m | truth).sum())))
-            if k < 4:
-                figure += [comp, res.masks[0].convert("RGBA"), res.images[0]]
-        results["diffedit_iou"] = float(np.mean(ious))
-        results["diffedit_ious"] = ious
+        # two emoji side by side, the left one to be edited: the true changed region is its silhouette
+        swaps = [("red heart", "blue heart", "cat face"), ("cat face", "dog face", "red apple"),
+                 ("red apple", "green apple", "dog face"), ("sun", "full moon", "banana"),
+                 ("grinning face", "angry face", "pizza"), ("pizza", "hamburger", "rocket"),
+                 ("rocket", "airplane", "sun"), ("pear", "lemon", "grinning face")]
+        figure, scores = [], {}
+        for threshold in (0.5, 0.25):
+            ious = []
+            for k, (left, target, right) in enumerate(swaps):
+                a = generate(model, make_request(prompt=left, seed=k, **base)).images[0]
+                b = generate(model, make_request(prompt=right, seed=k, **base)).images[0]
+                comp = Image.new("RGBA", (128, 64), (0, 0, 0, 0))
+                comp.alpha_composite(a, (0, 0))
+                comp.alpha_composite(b, (64, 0))
+                path = Path(os.environ["DREAMLAB_CACHE"]) / f"composite-{k}.png"
+                comp.save(path)
+                res = generate(model, make_request(prompt=f"{left} and {right}", seed=k, **base, width=128, height=64,
+                                                   init_image=encode_image(path), sampler="ddim",
+                                                   edit={"target": f"{target} and {right}", "auto_mask": True,
+                                                         "mask_threshold": threshold}))
+                m = np.asarray(res.masks[0]) > 0
+                truth = np.zeros_like(m)
+                truth[:, :64] = _rgba(a)[..., 3] > 127
+                ious.append(float((m & truth).sum() / max(1, (m | truth).sum())))
+                if k < 4 and threshold == 0.25:
+                    figure += [comp, res.masks[0].convert("RGBA"), res.images[0]]
+            scores[f"{threshold:g}"] = {"iou": float(np.mean(ious)), "ious": ious}
+        results["diffedit"] = scores
         labelled_grid(figure, ["composite", "auto mask", "edit"] * 4, cols=6, scale=2).save(out / "editing-diffedit.png")
-        print("DiffEdit IoU", results["diffedit_iou"])
+        print("DiffEdit", json.dumps({k: v["iou"] for k, v in scores.items()}))
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))

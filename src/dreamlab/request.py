@@ -104,7 +104,7 @@ class EditSpec(BaseModel):
     inversion: Literal["ddim", "null-text"] = Field("null-text", description="how a given image is inverted")
     null_text_iters: int = Field(10, ge=1, le=50, description="null-text inversion: Adam steps per sampling step")
     auto_mask: bool = Field(False, description="DiffEdit: find the region from the prompts, then inpaint it")
-    mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    mask_threshold: float = Field(0.25, gt=0.0, lt=1.0, description="DiffEdit: 0.25 measured best here (docs/editing.md)")
     mask_noises: int = Field(10, ge=1, le=64)
     mask_strength: float = Field(0.8, gt=0.0, le=1.0, description="DiffEdit: share of the schedule re-run in the mask")
 
