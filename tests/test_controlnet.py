@@ -112,7 +112,7 @@ def test_cli_control_replay_and_resize_note(model, tiny_dir, tmp_path, capsys):
     m = read_manifest(out)
     assert m["request"]["controls"][0]["image"].startswith("sha256:") and m["adapters"][0]["kind"] == "controlnet"
     assert main(["replay", str(out), "-o", str(tmp_path / "r.png")]) == 2
-    assert "pass it with --control-image FILE" in capsys.readouterr().err
+    assert "pass it with --image-file FILE" in capsys.readouterr().err
     assert main(["replay", str(out), "--control-image", str(edges), "-o", str(tmp_path / "r.png")]) == 0
     assert "identical" in capsys.readouterr().out
 

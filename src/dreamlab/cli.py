@@ -22,6 +22,7 @@ def _output_paths(out: Path, n: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace, model=None) -> int:
     import torch
 
+    from .compose_cli import composition_fields
     from .generate import INPUTS, encode_image, generate, make_request
     from .loading.model import load_model
     from .metadata import save_png
@@ -45,6 +46,7 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
         **{i.field: encode_image(path) for i in INPUTS if (path := getattr(args, i.dest, None))},
     }
     fields["controls"] = _controls(args)
+    fields.update(composition_fields(args))
     request = make_request(**{k: v for k, v in fields.items() if v is not None})
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--control-end", type=float, action="append", help="share of the steps after which it stops (0..1)")
     g.add_argument("--preprocess", action="store_true", help="compute the control maps from pictures (Canny edges, silhouette)")
     g.add_argument("--controlnet", action="append", metavar="DIR", help="use this ControlNet folder (repeatable)")
+    from .compose_cli import add_generate_options
+
+    add_generate_options(g)
     g.add_argument("--noise-level", type=int, help="super-resolution: noise added to the low-res input, a timestep 0..999")
     g.add_argument("--model", help="model folder (diffusers format) or single-file SD checkpoint (.safetensors); "
                    "default: the installed default model")
@@ -311,11 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("samplers", help="list the samplers")
     s.set_defaults(func=cmd_samplers)
 
+    from .compose_cli import add_cli as add_compose_cli
     from .eval.control import add_cli as add_control_eval_cli
     from .edit_cli import add_cli as add_edit_cli
     from .replay import add_cli as add_replay_cli
 
     add_edit_cli(sub)
+    add_compose_cli(sub)
     add_control_eval_cli(sub)
     from .server.cli import add_cli as add_serve_cli
 

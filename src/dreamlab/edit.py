@@ -51,6 +51,8 @@ def check_edit(model: ModelBundle, req: GenerationRequest) -> None:
         raise InvalidRequestError("editing takes plain prompts, not prompts composed with AND")
     if req.mask_image is not None or req.controls:
         raise InvalidRequestError("editing takes no mask_image or controls (auto_mask finds the region)")
+    if req.regions or req.window is not None or req.illusion is not None or req.ilvr is not None:
+        raise InvalidRequestError("editing takes no regions, windows, illusion or ilvr")
     if req.init_image is not None and req.sampler not in DETERMINISTIC:
         raise InvalidRequestError(f"editing a given image inverts it: use a deterministic sampler ({', '.join(DETERMINISTIC)}), "
                                   f"not {req.sampler}")

@@ -20,9 +20,11 @@ from PIL import Image
 from . import __version__
 from .control.concat import LowResInput
 from .control.controlnet import control_inputs
+from .compose.plan import Plan
+from .compose.plan import build as build_plan
+from .compose.plan import check as check_plan
 from .control.inpaint import inpaint
 from .core.guidance import dynamic_threshold
-from .core.guiders import CFG, guide
 from .core.noise import MAX_SEED, NoiseSource, stream_seed
 from .core.samplers import get_sampler, prior_std, takes_eta
 from .core.schedules import truncate
@@ -52,6 +54,7 @@ class Result:
     source_manifests: list[dict[str, Any]] = field(default_factory=list, repr=False)
     masks: list[Image.Image | None] = field(default_factory=list, repr=False)
     attention: list[Image.Image | None] = field(default_factory=list, repr=False)  # an edit's attention-map sheets
+    layers: list[list[Image.Image]] = field(default_factory=list, repr=False)  # a collage's RGBA layers, per image
 
     def gallery_items(self) -> list[tuple[Image.Image, Manifest]]:
         """What a server keeps of it: the images, an edit's sources, and its attention sheets (marked as
@@ -60,6 +63,8 @@ class Result:
         items += [(im, Manifest.load(m)) for im, m in zip(self.sources, self.source_manifests)]
         items += [(im, r.model_copy(update={"artifact": "attention"})) for im, r in zip(self.attention, self.records)
                   if im is not None]
+        items += [(im, r.model_copy(update={"artifact": f"layer {k}"})) for layers, r in zip(self.layers, self.records)
+                  for k, im in enumerate(layers)]
         return items
 
 
@@ -161,10 +166,15 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
             if c.condition not in have:
                 model.controlnet(c.condition)  # raises the one line that says how to get one
     _sampler_options(req)
+    check_plan(model, req, width // k, height // k)
     if req.edit is not None:
         from .edit import check_edit
 
         check_edit(model, req)
+    if req.collage is not None:
+        from .compose.collage import check_collage
+
+        check_collage(model, req, width, height)
     return width, height
 
 
@@ -193,27 +203,16 @@ class _Stage:
     sigmas: torch.Tensor
     inputs: list[StageInput] = field(default_factory=list)  # reach the network at every call
     noise_level: int | None = None  # recorded in the manifest (super-resolution)
-
-
-def _guider(req: GenerationRequest, model: ModelBundle, parts: list[tuple[str, float]]) -> tuple[Cond | None, CFG | None]:
-    """The prompts' conditioning and, if the request is guided, its guider: one CFG term per part of a
-    composed prompt (plain CFG is one part of weight 1), the negative prompt as the unconditional."""
-    cond = model.encode_prompts([text for text, _ in parts])
-    composed = len(parts) > 1
-    if cond is None or (req.cfg_scale == 1.0 and not composed):  # scale 1: the conditional alone, no rescale
-        return cond, None
-    uncond = model.encode_prompts([req.negative_prompt])
-    return cond, CFG(uncond, req.cfg_scale, [w for _, w in parts], req.guidance_rescale, _composed=composed)
+    plan: Plan | None = None  # cells, guiders and hooks of the canvas (compose/plan.py)
 
 
 def _run_stage(stage: _Stage, req: GenerationRequest, source, mask, progress) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Sampler states and decoded images (B, C, H, W) of one stage, image by image."""
-    model, sigmas = stage.model, stage.sigmas
+    model, sigmas, plan = stage.model, stage.sigmas, stage.plan
     options = _sampler_options(req)
     sampler = get_sampler(req.sampler)
     f = model.space.factor
     shape = (model.space.channels, stage.height // f, stage.width // f)
-    cond, guider = _guider(req, model, split_prompt(req.prompt))
     known = model.space.encode(source.to(model.device)) if source is not None else None
     keep = None
     if mask is not None:
@@ -222,9 +221,8 @@ def _run_stage(stage: _Stage, req: GenerationRequest, source, mask, progress) ->
     states = []
     for i, seed in enumerate(stage.seeds):
         noise = NoiseSource([seed], shape, device=model.device)
-        denoise: DenoiseFn = model.denoiser([inp.model_wrapper(i, noise, sigmas) for inp in stage.inputs], sigmas=sigmas)
-        if guider is not None:
-            denoise = guide(denoise, guider)
+        base = model.denoiser([inp.model_wrapper(i, noise, sigmas) for inp in stage.inputs], sigmas=sigmas)
+        denoise: DenoiseFn = plan.denoiser(base)
         if req.dynamic_threshold is not None:
             denoise = dynamic_threshold(denoise, req.dynamic_threshold)
         z = noise.initial()
@@ -234,9 +232,26 @@ def _run_stage(stage: _Stage, req: GenerationRequest, source, mask, progress) ->
             if keep is not None:
                 denoise = inpaint(denoise, known, keep, z)
             x = known + z * float(sigmas[0])
-        states.append(sampler(denoise, x, sigmas, cond=cond, noise=noise, on_step=progress, **options) if len(sigmas) > 1 else x)
+        on_step = _hooked(plan.hooks(noise), progress)
+        states.append(sampler(denoise, x, sigmas, noise=noise, on_step=on_step, **options) if len(sigmas) > 1 else x)
     images = torch.cat([model.space.decode(s) for s in states])
     return states, images
+
+
+def _hooked(hooks: list, progress):
+    """The sampler's on_step: state hooks in order (each may replace the state), then the progress."""
+    if not hooks:
+        return progress
+
+    def on_step(info):
+        x = None
+        for hook in hooks:
+            out = hook(replace(info, x=x) if x is not None else info)
+            x = out if out is not None else x
+        progress(info if x is None else replace(info, x=x))
+        return x
+
+    return on_step
 
 
 def _lowres_input(model: ModelBundle, pixels: list[torch.Tensor], level: int) -> LowResInput:
@@ -273,7 +288,7 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
 
 
 # Request fields that ask for a task with its own run (a joint run, an inversion), and its runner.
-TASKS: dict[str, str] = {"edit": "dreamlab.edit:run_edit"}
+TASKS: dict[str, str] = {"edit": "dreamlab.edit:run_edit", "collage": "dreamlab.compose.collage:run_collage"}
 
 
 def _task(target: str):
@@ -305,6 +320,10 @@ def _generate(model: ModelBundle, req: GenerationRequest, width: int, height: in
         stages.append(_Stage(sr, width, height, [stream_seed(s, SR_STAGE_STREAM) for s in seeds],
                              sr.schedule.sigmas_for(req.steps, req.schedule), noise_level=_noise_level(sr, req)))
     source, mask = _load_inputs(req, model, width, height)
+    base.plan = build_plan(model, req, width // k, height // k, decode_image)
+    if len(stages) > 1:  # the composition is the base's; the SR stage enlarges what it made
+        plain = req.model_copy(update={"regions": [], "window": None, "illusion": None, "ilvr": None})
+        stages[1].plan = build_plan(stages[1].model, plain, width, height, decode_image)
     controls, notes = control_inputs(model, req, width // k, height // k, decode_image)
     base.inputs += controls
     if source is not None:

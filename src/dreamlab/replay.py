@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,8 +61,11 @@ def resolve_input(recorded: str, path: str | None, what: str, flag: str) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _controls(recorded: list[dict[str, Any]], files: list[str]) -> list[dict[str, Any]]:
-    """The recorded controls with their images from ``files``, matched by the sha256 of their bytes."""
+def _nested(fields: dict[str, Any], files: list[str]) -> None:
+    """Fill the images nested in the request (controls, region masks, the ILVR reference, collage
+    layers), recorded as sha256, from ``files``, matched by the hash of their bytes."""
+    from .request import INPUT_IMAGES, image_fields
+
     by_hash: dict[str, str] = {}
     for path in files:
         try:
@@ -69,15 +73,16 @@ def _controls(recorded: list[dict[str, Any]], files: list[str]) -> list[dict[str
         except OSError as e:
             raise DreamlabError(f"cannot read {path}: {e.strerror or e}") from None
         by_hash["sha256:" + hashlib.sha256(data).hexdigest()] = base64.b64encode(data).decode("ascii")
-    out = []
-    for k, c in enumerate(recorded):
-        if c["image"] not in by_hash:
-            raise DreamlabError(f"this image was made with a {c['condition']} control image ({c['image']}); "
-                                "pass it with --control-image FILE")
-        out.append({**c, "image": by_hash[c["image"]]})
-    if len(by_hash) > len({c["image"] for c in recorded}):
-        raise DreamlabError("a --control-image is not one this image was made with (its sha256 matches no recorded control)")
-    return out
+    wanted = set()
+    for holder, key, what in image_fields(fields):
+        if holder is fields and key in INPUT_IMAGES or not holder[key].startswith("sha256:"):
+            continue
+        wanted.add(holder[key])
+        if holder[key] not in by_hash:
+            raise DreamlabError(f"this image was made with a {what} ({holder[key]}); pass it with --image-file FILE")
+        holder[key] = by_hash[holder[key]]
+    if set(by_hash) - wanted:
+        raise DreamlabError("an --image-file is not one this image was made with (its sha256 matches no recorded input)")
 
 
 def compare_pixels(a, b) -> tuple[int, int, int]:
@@ -134,14 +139,14 @@ def replay(
     manifest = read_record(image)
     if manifest.artifact is not None:
         raise DreamlabError(f"{image} is an edit's {manifest.artifact} sheet, not an image to replay; replay the edited image")
-    fields: dict[str, Any] = dict(manifest.request)
+    fields: dict[str, Any] = json.loads(json.dumps(manifest.request))  # nested images are filled in below
     for inp in INPUTS:
         path = files.get(inp.field, files.get(inp.dest))
         if fields.get(inp.field):
             fields[inp.field] = resolve_input(fields[inp.field], path, inp.what, inp.flag)
         elif path:
             raise DreamlabError(f"this image was not {inp.made}; drop {inp.flag}")
-    fields["controls"] = _controls(fields.get("controls") or [], control_images or [])
+    _nested(fields, control_images or [])
     request = make_request(**fields)
 
     source = model_dir or manifest.model.source
@@ -189,7 +194,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
     for inp in INPUTS:  # the input images a manifest can record, each by the sha256 of its file
         r.add_argument(inp.flag, dest=inp.dest, help=f"the {inp.what} the image was made from")
-    r.add_argument("--control-image", action="append", default=[], help="a control image the image was made with (repeatable)")
+    r.add_argument("--image-file", "--control-image", dest="control_image", action="append", default=[],
+                   help="an image nested in the request (a control image, region mask, ILVR reference, collage layer); repeatable")
     r.add_argument("--device", default="cpu")
     r.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
     r.set_defaults(func=cmd_replay)

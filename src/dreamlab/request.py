@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import io
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .core.noise import MAX_SEED
 from .core.samplers import get_sampler
 from .core.schedules import Spacing
+from .compose.collage import CollageSpec
 from .errors import InvalidRequestError
 
 MAX_BATCH = 16
@@ -117,6 +119,54 @@ class EditSpec(BaseModel):
         return v
 
 
+MAX_REGIONS = 8
+MAX_VIEWS = 4
+
+
+class RegionRequest(BaseModel):
+    """A part of the canvas with its own prompt: a pixel box (x0, y0, x1, y1) or a mask image (white = in)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    box: tuple[int, int, int, int] | None = None
+    mask: str | None = Field(None, max_length=MAX_IMAGE_B64_CHARS, description="base64 image, white = the region")
+
+    @field_validator("box")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None and not (0 <= v[0] < v[2] and 0 <= v[1] < v[3]):
+            raise ValueError("a box is x0, y0, x1, y1 with x0 < x1 and y0 < y1, all at least 0")
+        return v
+
+
+class IllusionSpec(BaseModel):
+    """Visual anagrams: the image reads as prompts[i] under views[i] (views[0] is normally identity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(min_length=1, max_length=MAX_VIEWS)
+    views: list[str] = Field(min_length=1, max_length=MAX_VIEWS)
+
+    @field_validator("views")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from .compose.views import get_view
+
+        for name in v:
+            get_view(name)
+        return v
+
+
+class ILVRSpec(BaseModel):
+    """Iterative latent variable refinement toward a reference image's low frequencies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str = Field(max_length=MAX_IMAGE_B64_CHARS, description="base64 PNG/JPEG")
+    factor: int = Field(16, ge=1, le=512, description="down/up-sampling factor N in pixels (a multiple of the latent factor)")
+
+
 class GenerationRequest(BaseModel):
     """Everything that determines an image, given the model. The CLI, HTTP API and web UI all build one."""
 
@@ -152,6 +202,14 @@ class GenerationRequest(BaseModel):
     controls: list[ControlRequest] = Field(default_factory=list, max_length=MAX_CONTROLS,
                                            description="ControlNet controls; their residuals add up")
     edit: EditSpec | None = Field(None, description="edit the prompt's image by editing the prompt (prompt-to-prompt)")
+    regions: list[RegionRequest] = Field(default_factory=list, max_length=MAX_REGIONS,
+                                         description="regional prompts; the prompt is the global one")
+    window: int | None = Field(None, ge=8, le=MAX_SIDE, description="MultiDiffusion: window side in pixels "
+                               "(the model's own size is usual); None: the canvas at once")
+    window_stride: int | None = Field(None, ge=8, le=MAX_SIDE, description="pixels between windows (default: half a window)")
+    illusion: IllusionSpec | None = None
+    ilvr: ILVRSpec | None = None
+    collage: CollageSpec | None = Field(None, description="a scene from ordered RGBA layers (docs/composition.md)")
 
     @field_validator("sampler")
     @classmethod
@@ -259,12 +317,24 @@ INPUTS: tuple[InputImage, ...] = (
 INPUT_IMAGES = tuple(i.field for i in INPUTS)  # request fields that carry an image
 
 
+def image_fields(request: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
+    """Every image a request (as a dict) carries: (the dict holding it, its key, how messages name it),
+    the top-level input images first, then those nested in controls, regions, ILVR and collage layers."""
+    found = [(request, key, key) for key in INPUT_IMAGES if request.get(key)]
+    found += [(c, "image", f"controls.{i}.image") for i, c in enumerate(request.get("controls") or []) if c.get("image")]
+    found += [(r, "mask", f"regions.{i}.mask") for i, r in enumerate(request.get("regions") or []) if r.get("mask")]
+    if (request.get("ilvr") or {}).get("reference"):
+        found.append((request["ilvr"], "reference", "ilvr.reference"))
+    layers = (request.get("collage") or {}).get("layers") or []
+    found += [(layer, "image", f"collage.layers.{i}.image") for i, layer in enumerate(layers) if layer.get("image")]
+    return found
+
+
 def recorded(request: dict[str, Any]) -> dict[str, Any]:
-    """The request as a manifest records it: input images by the sha256 of their bytes, not inline."""
-    for key in INPUT_IMAGES:
-        if request.get(key):
-            request[key] = image_sha256(request[key], key)
-    request["controls"] = [{**c, "image": c["image"] if c["image"].startswith("sha256:")
-                            else image_sha256(c["image"], f"controls.{i}.image")}
-                           for i, c in enumerate(request.get("controls") or [])]
+    """The request as a manifest records it: input images by the sha256 of their bytes, not inline
+    (nested lists and dicts are copied, not changed in place)."""
+    request = json.loads(json.dumps(request))
+    for holder, key, what in image_fields(request):
+        if not holder[key].startswith("sha256:"):
+            holder[key] = image_sha256(holder[key], what)
     return request

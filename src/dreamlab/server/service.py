@@ -26,7 +26,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from PIL import Image
 
 from ..errors import DreamlabError, InvalidRequestError
-from ..generate import INPUT_IMAGES, GenerationRequest, image_bytes, open_image, recorded, resolve
+from ..generate import GenerationRequest, image_bytes, open_image, recorded, resolve
+from ..request import image_fields
 from ..generate import check_request as check_for_model
 from ..models.bundle import ModelBundle
 from .gallery import Gallery
@@ -184,9 +185,7 @@ class Service:
         data = resolve(self.model, req).model_dump()  # the job records the steps, sampler... it will run with
         if data["seed"] is None:  # fixed now, so a job that restarts makes the same images
             data["seed"] = secrets.randbelow(2**31)
-        images = [(data, key, key) for key in INPUT_IMAGES if data[key] is not None]
-        images += [(c, "image", f"controls.{i}.image") for i, c in enumerate(data["controls"])]
-        for holder, key, what in images:
+        for holder, key, what in image_fields(data):
             raw, fmt = normalize_image(holder[key], what, self.limits.max_side)
             holder[key] = base64.b64encode(raw).decode("ascii")  # canonical: no data: prefix, no line breaks
             self.gallery.record_input(raw, fmt)
