@@ -101,7 +101,8 @@ def tiny(tmp_path_factory):
 
 # the form's edit and control inputs, left empty (edit target, picture, blend words, reweight, auto mask,
 # control image, condition, scale, preprocess)
-NO_EXTRAS = ["", None, "", "", False, None, None, 1.0, False]
+NO_EXTRAS = ["", None, "", "", False, None, None, 1.0, False,
+             {"headers": ["prompt", "x0", "y0", "x1", "y1", "strength"], "data": [["", 0, 0, 0, 0, 0.25]]}]
 
 
 def call(client, data):
@@ -188,7 +189,8 @@ def test_a_super_resolution_model_gets_an_upscale_tab_that_enlarges_an_upload(tm
     with TestClient(app) as client:
         tabs = {c["props"].get("elem_id"): c["props"].get("visible") for c in client.get("/config").json()["components"]
                 if c.get("type") == "tabitem"}
-        assert tabs == {"tab-upscale": True, "tab-txt2img": False, "tab-img2img": False, "tab-inpaint": False, "tab-edit": False}
+        assert tabs == {"tab-upscale": True, "tab-txt2img": False, "tab-img2img": False, "tab-inpaint": False, "tab-edit": False,
+                    "tab-collage": False}
         buf = io.BytesIO()
         rgba((8, 8)).save(buf, format="PNG")
         (path,) = client.post("/gradio_api/upload", files={"files": ("low.png", buf.getvalue(), "image/png")}).json()
@@ -199,3 +201,16 @@ def test_a_super_resolution_model_gets_an_upscale_tab_that_enlarges_an_upload(tm
         assert Image.open(item["image"]["path"]).size == (16, 16)  # 2x the upload; the Width/Height sliders ignored
         (job,) = client.get("/api/jobs").json()["items"]
         assert job["request"]["noise_level"] == 20 and job["request"]["width"] is None
+
+
+def test_the_collage_table_becomes_a_layout():
+    from dreamlab.server.ui import collage_layers, collage_preview
+
+    rows = [["red apple", 0, 4, 8, 12, 0.3], ["", 0, 0, 0, 0, 0.25], ["pizza", 8, 4, 16, 12, None]]
+    assert collage_layers(rows) == [{"prompt": "red apple", "box": [0, 4, 8, 12], "strength": 0.3},
+                                    {"prompt": "pizza", "box": [8, 4, 16, 12], "strength": 0.25}]
+    req = build_request(**{**FORM, "mode": "collage"}, collage_rows=rows)
+    assert [layer.prompt for layer in req.collage.layers] == ["red apple", "pizza"]
+    assert collage_preview(rows, 16, 16).size == (256, 256)
+    with pytest.raises(InvalidRequestError, match="collage: add at least one layer"):
+        collage_layers([["", 0, 0, 0, 0, 0]])
