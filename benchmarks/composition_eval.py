@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eval_common import setup
+
 FOODS = ["cooked rice", "sushi", "fried shrimp", "rice ball", "ginger root", "dango", "oden", "fish cake with swirl",
          "curry rice", "spaghetti", "bread", "cheese wedge", "croissant", "egg", "shortcake", "doughnut", "cookie",
          "carrot", "broccoli", "tomato", "avocado", "hot dog", "taco", "sandwich", "french fries", "red apple"]
@@ -73,18 +75,11 @@ def main() -> None:
     p.add_argument("--skip", default="")
     args = p.parse_args()
 
-    from dreamlab.eval.judge import judge_outputs, load_judge
+    from dreamlab.eval.judge import judge_outputs
     from dreamlab.generate import encode_image, generate, make_request
     from dreamlab.images import grid, labelled_grid, on_background
-    from dreamlab.loading.model import load_model
 
-    model = load_model()
-    judge, _, labels = load_judge(Path(__file__).resolve().parents[1] / "src/dreamlab/weights/judge")
-    index = {label: i for i, label in enumerate(labels)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    skip = set(args.skip.split(","))
-    results: dict = {"steps": args.steps}
+    model, judge, index, out, skip, results = setup(args)
     base = dict(steps=args.steps, cfg_scale=5.0)
 
     def top5(images, names) -> list[float]:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eval_common import setup
+
 PAIRS = [  # (source, target): colours, swaps within a category, expressions
     ("red apple", "green apple"), ("red heart", "blue heart"), ("red heart", "green heart"),
     ("yellow heart", "purple heart"), ("blue heart", "orange heart"), ("red circle", "blue circle"),
@@ -77,18 +79,11 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("DREAMLAB_CACHE", "/tmp/dreamlab-editing-cache")
 
-    from dreamlab.eval.judge import judge_outputs, load_judge
+    from dreamlab.eval.judge import judge_outputs
     from dreamlab.generate import encode_image, generate, make_request
     from dreamlab.images import labelled_grid
-    from dreamlab.loading.model import load_model
 
-    model = load_model()
-    judge, _, labels = load_judge(Path(__file__).resolve().parents[1] / "src/dreamlab/weights/judge")
-    index = {label: i for i, label in enumerate(labels)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    skip = set(args.skip.split(","))
-    results: dict = {"steps": args.steps}
+    model, judge, index, out, skip, results = setup(args)
     base = dict(steps=args.steps, cfg_scale=5.0)
 
     if "grid" not in skip:

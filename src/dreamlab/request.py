@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .core.noise import MAX_SEED
 from .core.samplers import get_sampler
 from .core.schedules import Spacing
-from .compose.collage import CollageSpec
+from .compose.collage import Box, CollageSpec
 from .errors import InvalidRequestError
 
 MAX_BATCH = 16
@@ -129,15 +129,8 @@ class RegionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
-    box: tuple[int, int, int, int] | None = None
+    box: Box | None = None
     mask: str | None = Field(None, max_length=MAX_IMAGE_B64_CHARS, description="base64 image, white = the region")
-
-    @field_validator("box")
-    @classmethod
-    def _ordered(cls, v):
-        if v is not None and not (0 <= v[0] < v[2] and 0 <= v[1] < v[3]):
-            raise ValueError("a box is x0, y0, x1, y1 with x0 < x1 and y0 < y1, all at least 0")
-        return v
 
 
 class IllusionSpec(BaseModel):

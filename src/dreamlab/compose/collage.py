@@ -16,7 +16,17 @@ each with a prompt, a box or an image, and a strength (how freely it may change)
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+def _ordered(v):
+    if v is not None and not (0 <= v[0] < v[2] and 0 <= v[1] < v[3]):
+        raise ValueError("a box is x0, y0, x1, y1 with x0 < x1 and y0 < y1, all at least 0")
+    return v
+
+
+Box = Annotated[tuple[int, int, int, int], AfterValidator(_ordered)]  # x0, y0, x1, y1 in pixels
 
 MAX_LAYERS = 8
 MAX_LAYER_IMAGE_CHARS = 12_000_000
@@ -26,19 +36,11 @@ class LayerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(max_length=2000)
-    box: tuple[int, int, int, int] | None = Field(None, description="x0, y0, x1, y1 in pixels")
+    box: Box | None = Field(None, description="x0, y0, x1, y1 in pixels")
     image: str | None = Field(None, max_length=MAX_LAYER_IMAGE_CHARS,
                               description="the layer's RGBA image: base64 over HTTP, a path in a layout file")
     strength: float = Field(0.25, ge=0.0, le=1.0, description="how freely harmonisation may change it (0: kept)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="a generated layer's own seed")
-
-    @field_validator("box")
-    @classmethod
-    def _ordered(cls, v):
-        if v is not None and not (0 <= v[0] < v[2] and 0 <= v[1] < v[3]):
-            raise ValueError("a box is x0, y0, x1, y1 with x0 < x1 and y0 < y1, all at least 0")
-        return v
-
 
 class CollageSpec(BaseModel):
     """A layout; the request's prompt is the scene's global prompt, its width and height the canvas."""

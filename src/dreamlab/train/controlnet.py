@@ -26,7 +26,7 @@ from ..data.dataset import EmojiDataset
 from ..errors import DreamlabError
 from ..models.controlnet import controlnet_from_unet, save_controlnet
 from .common import EMA, Log, init_distributed, latest_checkpoint, lr_at, save_checkpoint, save_config, update
-from .unet import UNetConfig, _cache_matches, build_cache, sampling_weights
+from .unet import UNetConfig, _cache_matches, build_cache, draw_batch, sampling_weights
 
 
 @dataclass
@@ -126,16 +126,7 @@ def train_controlnet(cfg: ControlNetConfig) -> Path:
     t_mark = time.time()
     B = cfg.batch_size
     while step < cfg.steps:
-        idx = torch.multinomial(weights, B, replacement=True, generator=gen)
-        variant = torch.randint(data["tokens"].shape[0] // n, (B,), generator=gen)
-        x0 = data["latent_mean"][idx] + data["latent_std"][idx] * torch.randn(B, *latent_shape, generator=gen)
-        rows = variant * n + idx
-        tokens, mask = data["tokens"][rows].float(), data["mask"][rows].long()
-        drop = torch.rand(B, generator=gen) < cfg.cond_dropout
-        tokens[drop] = data["empty_tokens"].float()
-        mask[drop] = data["empty_mask"].long()
-        t = torch.randint(model.schedule.num_train_timesteps, (B,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        idx, x0, tokens, mask, t, noise = draw_batch(data, weights, B, cfg.cond_dropout, model.schedule.num_train_timesteps, gen)
         hint = maps[idx].float() / 255
         x0, tokens, mask, t, noise, hint = (v.to(d.device) for v in (x0, tokens, mask, t, noise, hint))
         control = ControlNetControl(net, adapter_model.model, hint)

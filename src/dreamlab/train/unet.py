@@ -229,6 +229,24 @@ def check_config(cfg: UNetConfig) -> None:
         raise DreamlabError(f"--sr-noise-max {cfg.sr_noise_max}: must be a timestep in [0, 999]")
 
 
+def draw_batch(data: dict, weights: torch.Tensor, batch: int, dropout: float, timesteps: int, gen: torch.Generator):
+    """One training batch from a cache (``build_cache``'s): images drawn by ``weights``, a caption variant
+    each (dropped to the empty prompt with probability ``dropout``), x0 sampled from the latent posterior,
+    timesteps and noise. Returns (image indices, x0, tokens, mask, t, noise)."""
+    n, latent_shape = data["latent_mean"].shape[0], tuple(data["latent_mean"].shape[1:])
+    idx = torch.multinomial(weights, batch, replacement=True, generator=gen)
+    variant = torch.randint(data["tokens"].shape[0] // n, (batch,), generator=gen)
+    x0 = data["latent_mean"][idx] + data["latent_std"][idx] * torch.randn(batch, *latent_shape, generator=gen)
+    rows = variant * n + idx
+    tokens, mask = data["tokens"][rows].float(), data["mask"][rows].long()
+    drop = torch.rand(batch, generator=gen) < dropout
+    tokens[drop] = data["empty_tokens"].float()
+    mask[drop] = data["empty_mask"].long()
+    t = torch.randint(timesteps, (batch,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    return idx, x0, tokens, mask, t, noise
+
+
 def sampling_weights(records: list[dict], how: str) -> torch.Tensor:
     """Probability of drawing each training image: uniform over images, or (``concept``) uniform over
     (base emoji, style) pairs, split evenly among a pair's skin-tone variants."""
@@ -358,16 +376,7 @@ def train_unet(cfg: UNetConfig) -> Path:
     t_mark = t0
     B = cfg.batch_size
     while step < cfg.steps:
-        idx = torch.multinomial(weights, B, replacement=True, generator=gen)
-        variant = torch.randint(cfg.captions_per_image, (B,), generator=gen)
-        x0 = data["latent_mean"][idx] + data["latent_std"][idx] * torch.randn(B, *latent_shape, generator=gen)
-        rows = variant * n + idx
-        tokens, mask = data["tokens"][rows].float(), data["mask"][rows].long()
-        drop = torch.rand(B, generator=gen) < cfg.cond_dropout
-        tokens[drop] = data["empty_tokens"].float()
-        mask[drop] = data["empty_mask"].long()
-        t = torch.randint(schedule.num_train_timesteps, (B,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        idx, x0, tokens, mask, t, noise = draw_batch(data, weights, B, cfg.cond_dropout, schedule.num_train_timesteps, gen)
         x0, tokens, mask, t, noise = (v.to(d.device) for v in (x0, tokens, mask, t, noise))
         cond = Cond(tokens=tokens, mask=mask)
         if cfg.sr_from:  # only the text is dropped for CFG; the low-res image is always seen, noised
