@@ -310,16 +310,21 @@ INPUTS: tuple[InputImage, ...] = (
 INPUT_IMAGES = tuple(i.field for i in INPUTS)  # request fields that carry an image
 
 
-def image_fields(request: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
+def image_fields(request: dict[str, Any], *, empty: bool = False) -> list[tuple[dict[str, Any], str, str]]:
     """Every image a request (as a dict) carries: (the dict holding it, its key, how messages name it),
-    the top-level input images first, then those nested in controls, regions, ILVR and collage layers."""
-    found = [(request, key, key) for key in INPUT_IMAGES if request.get(key)]
-    found += [(c, "image", f"controls.{i}.image") for i, c in enumerate(request.get("controls") or []) if c.get("image")]
-    found += [(r, "mask", f"regions.{i}.mask") for i, r in enumerate(request.get("regions") or []) if r.get("mask")]
-    if (request.get("ilvr") or {}).get("reference"):
+    the top-level input images first, then those nested in controls, regions, ILVR and collage layers.
+    ``empty``: also the fields set to an empty string (a server must refuse those, not skip them)."""
+    def has(holder: dict[str, Any], key: str) -> bool:
+        value = holder.get(key)
+        return value is not None if empty else bool(value)
+
+    found = [(request, key, key) for key in INPUT_IMAGES if has(request, key)]
+    found += [(c, "image", f"controls.{i}.image") for i, c in enumerate(request.get("controls") or []) if has(c, "image")]
+    found += [(r, "mask", f"regions.{i}.mask") for i, r in enumerate(request.get("regions") or []) if has(r, "mask")]
+    if request.get("ilvr") and has(request["ilvr"], "reference"):
         found.append((request["ilvr"], "reference", "ilvr.reference"))
     layers = (request.get("collage") or {}).get("layers") or []
-    found += [(layer, "image", f"collage.layers.{i}.image") for i, layer in enumerate(layers) if layer.get("image")]
+    found += [(layer, "image", f"collage.layers.{i}.image") for i, layer in enumerate(layers) if has(layer, "image")]
     return found
 
 

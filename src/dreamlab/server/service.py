@@ -185,7 +185,7 @@ class Service:
         data = resolve(self.model, req).model_dump()  # the job records the steps, sampler... it will run with
         if data["seed"] is None:  # fixed now, so a job that restarts makes the same images
             data["seed"] = secrets.randbelow(2**31)
-        for holder, key, what in image_fields(data):
+        for holder, key, what in image_fields(data, empty=True):
             raw, fmt = normalize_image(holder[key], what, self.limits.max_side)
             holder[key] = base64.b64encode(raw).decode("ascii")  # canonical: no data: prefix, no line breaks
             self.gallery.record_input(raw, fmt)
