@@ -326,3 +326,16 @@ def test_images_made_before_the_seams_replay_after_them(name, tiny_dir, tmp_path
     report = replay(OLD / f"{name}.png", tmp_path / "again.png", model_dir=tiny_dir, inputs=inputs, log=lambda *_: None)
     assert not report.model_diff  # the tiny model is the same files
     assert report.max_diff <= 1 and report.differing <= report.pixels // 100, (report.differing, report.max_diff)
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """`dreamlab --help` is the first thing people run: it must not pay for torch and diffusers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dreamlab.cli import main\n"
+            "for argv in (['--help'], ['generate'], ['train', 'unet', '--help'], ['edit', 'x']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False False"

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--batch", type=int)
-    from .request import INPUTS
+    from .inputs import INPUTS
 
     for inp in INPUTS:
         g.add_argument(inp.flag, dest=inp.dest, help=inp.help)
@@ -336,8 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ship_cli(sub)
 
     from .data.emoji import add_cli as add_emoji_cli
-    from .train.unet import UNetConfig
-    from .train.vae import VAEConfig
+    from .settings import ControlNetConfig, EvalConfig, JudgeConfig, UNetConfig, VAEConfig
 
     data = sub.add_parser("data", help="build training data").add_subparsers(dest="dataset", required=True)
     add_emoji_cli(data)
@@ -352,14 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(tu, UNetConfig, required=("data", "vae", "out"))
     tu.add_argument("--threads", type=int)
     tu.set_defaults(func=cmd_train_unet)
-    from .train.controlnet import ControlNetConfig
-
     tc = tsub.add_parser("controlnet", help="a ControlNet for the (frozen) default model: canny edges or shape")
     add_dataclass_args(tc, ControlNetConfig, required=("data", "out"))
     tc.add_argument("--threads", type=int)
     tc.set_defaults(func=cmd_train_controlnet)
-    from .eval.evaluate import EvalConfig
-    from .eval.judge import JudgeConfig
 
     tj = tsub.add_parser("judge", help="the emoji classifier used by `dreamlab eval`")
     add_dataclass_args(tj, JudgeConfig, required=("data", "out"))

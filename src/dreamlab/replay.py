@@ -133,7 +133,7 @@ def replay(
     from .generate import generate, make_request
     from .loading.model import load_model
     from .metadata import read_record, save_png
-    from .request import INPUTS
+    from .inputs import INPUTS
 
     files = {**(inputs or {}), **input_files}
     manifest = read_record(image)
@@ -190,7 +190,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--model", help="model folder or checkpoint file (default: the one recorded in the manifest)")
     r.add_argument("--prediction", choices=("epsilon", "v"),
                    help="a checkpoint file's prediction type (default: the one recorded in the manifest)")
-    from .request import INPUTS
+    from .inputs import INPUTS
 
     for inp in INPUTS:  # the input images a manifest can record, each by the sha256 of its file
         r.add_argument(inp.flag, dest=inp.dest, help=f"the {inp.what} the image was made from")
@@ -203,7 +203,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Exit status 0: identical; 1: the pixels differ; 2: an error (as every dreamlab command)."""
-    from .request import INPUTS
+    from .inputs import INPUTS
 
     report = replay(args.image, args.output, model_dir=args.model, inputs={i.field: getattr(args, i.dest) for i in INPUTS},
                     control_images=args.control_image,

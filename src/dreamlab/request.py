@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ from .core.samplers import get_sampler
 from .core.schedules import Spacing
 from .compose.collage import Box, CollageSpec
 from .errors import InvalidRequestError
+from .inputs import INPUT_IMAGES, INPUTS, InputImage  # noqa: F401  (the request's input images, listed once)
 
 MAX_BATCH = 16
 MAX_STEPS = 1000
@@ -283,31 +283,6 @@ def make_request(**kwargs: Any) -> GenerationRequest:
         raise InvalidRequestError(format_validation_error(e)) from None
 
 
-@dataclass(frozen=True)
-class InputImage:
-    """A request field that carries an image; the CLI's options, replay's and the UI's derive from these."""
-
-    field: str  # the GenerationRequest field (base64 of the file's bytes)
-    flag: str  # the option of `dreamlab generate` and `dreamlab replay` that gives the file
-    what: str  # how messages name it
-    help: str
-    made: str  # "this image was <made> ..."
-
-    @property
-    def dest(self) -> str:
-        """The argparse destination of its option ("--mask" -> "mask")."""
-        return self.flag.lstrip("-").replace("-", "_")
-
-
-INPUTS: tuple[InputImage, ...] = (
-    InputImage("init_image", "--init-image", "init image", "img2img / inpainting source image file",
-               "made from an init image"),
-    InputImage("mask_image", "--mask", "inpainting mask", "inpainting mask image file: white = repaint",
-               "made with a mask"),
-    InputImage("lowres_image", "--lowres-image", "low-res input",
-               "super-resolution models: the image file to enlarge (see `dreamlab upscale`)", "enlarged from a low-res input"),
-)
-INPUT_IMAGES = tuple(i.field for i in INPUTS)  # request fields that carry an image
 
 
 def image_fields(request: dict[str, Any], *, empty: bool = False) -> list[tuple[dict[str, Any], str, str]]:

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 
@@ -56,6 +55,8 @@ def fidelity(condition: str, control: np.ndarray, image: Image.Image) -> float:
 def evaluate_controlnet(model, folder: Path | None, condition: str, data: str, *, n: int = 48, scales=(1.0,),
                         steps: int = 20, cfg_scale: float = 5.0, prompt: bool = True, judge_dir=None) -> dict:
     """Scores of ``folder`` (None: the model without ControlNet, against the same maps) per scale."""
+    import torch
+
     from ..control.conditions import get_condition
     from ..data.captions import canonical_caption
     from ..data.dataset import EmojiDataset, to_rgba_uint8

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,35 +31,14 @@ import torch
 
 from ..data.captions import CANONICAL_STYLE, canonical_caption, canonical_label
 from ..data.dataset import EmojiDataset
-from ..data.catalog import DEFAULT_DATA_DIR
 from ..errors import DreamlabError, ModelNotFoundError
 from ..images import resize
 from ..loading.files import sha256_file
 from .judge import judge_outputs, load_judge
 from .metrics import fid, kid, topk_accuracy
+from ..settings import EvalConfig, default_judge_dir  # noqa: F401  (the configuration, kept torch-free)
 
 
-def default_judge_dir() -> Path:
-    """The judge shipped with the package, next to the default model."""
-    return Path(__file__).resolve().parent.parent / "weights" / "judge"
-
-
-@dataclass
-class EvalConfig:
-    data: str = str(DEFAULT_DATA_DIR)  # built by `dreamlab data emoji`
-    judge: str = str(default_judge_dir())
-    model: str | None = None  # default: the installed default model
-    run: str | None = None  # a `dreamlab train unet` run folder: score each snapshot, plot alignment vs hours
-    upscaler: str | None = None  # an SR stage: score each model as the base of a cascade with it
-    prompts: int = 100  # distinct held-out prompts
-    per_prompt: int = 2
-    steps: int = 20
-    sampler: str = "dpmpp_2m"
-    cfg_scale: float = 4.0
-    seed: int = 0
-    prompts_from: str = "test"  # "test": held-out renderings (the score); "train": trained ones (the gap)
-    prompts_skip: int = 0  # leave out the first N prompts: tune settings on prompts the score does not use
-    prompt_format: str = "{caption}"  # the prompt of each rendering, from PROMPT_FIELDS; the score's is {caption}
 
 
 PROMPT_SPLITS = ("test", "train")

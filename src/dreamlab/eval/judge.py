@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..data.dataset import EmojiDataset
 from ..errors import ModelNotFoundError
 from ..train.common import Log, lr_at
+from ..settings import JudgeConfig  # noqa: F401  (the configuration, kept torch-free)
 
 
 def on_white(rgba: Tensor) -> Tensor:
@@ -67,16 +68,6 @@ class Judge(nn.Module):
         return self.head(self.features(rgba))
 
 
-@dataclass
-class JudgeConfig:
-    data: str
-    out: str
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    seed: int = 0
 
 
 def class_index(records: list[dict]) -> tuple[list[str], list[str]]:

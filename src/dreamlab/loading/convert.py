@@ -12,10 +12,14 @@ import json
 import shutil
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .. import __version__
-from ..core.prediction import Prediction
 from ..errors import DreamlabError
-from .single_file import Components, load_components
+
+if TYPE_CHECKING:  # the heavy modules load when a conversion runs, not for `dreamlab --help`
+    from ..core.prediction import Prediction
+    from .single_file import Components
 
 
 def convert(source: str | Path, output: str | Path, *, allow_pickle: bool = False,
@@ -23,6 +27,8 @@ def convert(source: str | Path, output: str | Path, *, allow_pickle: bool = Fals
     source, out = Path(source).expanduser(), Path(output).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DreamlabError(f"{out} exists and is not an empty folder; choose another output")
+    from .single_file import load_components
+
     c = load_components(source, allow_pickle=allow_pickle, prediction=prediction, config=config)
     tmp = out.with_name(f".{out.name}.converting")
     shutil.rmtree(tmp, ignore_errors=True)

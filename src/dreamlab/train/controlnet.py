@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,27 +26,9 @@ from ..errors import DreamlabError
 from ..models.controlnet import controlnet_from_unet, save_controlnet
 from .common import EMA, Log, init_distributed, latest_checkpoint, lr_at, save_checkpoint, save_config, update
 from .unet import UNetConfig, _cache_matches, build_cache, draw_batch, sampling_weights
+from ..settings import ControlNetConfig  # noqa: F401  (the configuration, kept torch-free)
 
 
-@dataclass
-class ControlNetConfig:
-    data: str  # emoji dataset folder
-    out: str  # run folder
-    condition: str = "canny"  # canny | shape (dreamlab.control.conditions)
-    base: str | None = None  # the model to control (default: the shipped default model)
-    steps: int = 6000
-    batch_size: int = 32
-    lr: float = 1e-4
-    warmup: int = 100
-    weight_decay: float = 0.0
-    cond_dropout: float = 0.5  # prompts dropped to the empty prompt (Zhang et al.: 50%)
-    min_snr_gamma: float | None = 5.0
-    ema_decay: float = 0.995
-    ckpt_every: int = 200
-    snapshot_every: int = 250  # fp16 EMA ControlNets kept for the fidelity-vs-steps curve
-    log_every: int = 20
-    seed: int = 0
-    device: str = "auto"
 
 
 def _base(cfg: ControlNetConfig):
@@ -93,7 +74,7 @@ def train_controlnet(cfg: ControlNetConfig) -> Path:
         print("encoding latents and captions once ...")
         build_cache(ucfg, cache)
     data = load_file(str(cache / "cache.safetensors"))
-    n, latent_shape = data["latent_mean"].shape[0], tuple(data["latent_mean"].shape[1:])
+    n = data["latent_mean"].shape[0]
     records = EmojiDataset(Path(cfg.data), split="train").records
     if len(records) != n:
         raise DreamlabError(f"the cache in {cache} does not match {cfg.data}: delete {cache} to rebuild it")

@@ -12,8 +12,6 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from ..errors import DreamlabError, ModelNotFoundError
 from ..loading.files import sha256_file
 
@@ -26,6 +24,8 @@ def _fp16_copy(src: Path, dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*", "*.bin", "*.pt", "*.ckpt"))
     for f in tmp.rglob("*.safetensors"):
+        from safetensors.torch import load_file, save_file
+
         tensors = load_file(str(f))
         save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}, str(f))
     shutil.rmtree(dest, ignore_errors=True)

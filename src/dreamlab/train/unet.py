@@ -20,7 +20,7 @@ import random
 from collections import Counter
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ from .common import (
     shutdown_distributed,
     update,
 )
+from ..settings import UNetConfig  # noqa: F401  (the configuration, kept torch-free)
 
 SAMPLE_PROMPTS = [
     "red apple", "grinning face", "red heart", "cat face", "pizza", "rocket", "sun", "star",
@@ -59,45 +60,6 @@ SAMPLE_PROMPTS = [
 ]
 
 
-@dataclass
-class UNetConfig:
-    data: str  # emoji dataset folder
-    vae: str  # exported VAE folder (dreamlab train vae)
-    out: str  # run folder
-    steps: int = 6000
-    batch_size: int = 32  # per process
-    lr: float = 4e-4
-    warmup: int = 200
-    weight_decay: float = 0.01
-    min_snr_gamma: float | None = 5.0
-    prediction: str = "v_prediction"
-    cond_dropout: float = 0.1
-    captions_per_image: int = 4  # caption variants encoded once and cycled over epochs
-    # "concept": every (emoji, style) pair drawn equally often, its skin-tone variants sharing its share
-    # (skin tones are 49% of the images but 5 renderings of one concept); "image": every image equally
-    sampling: str = "concept"
-    max_length: int = 24  # text tokens
-    resolution: int = 64  # image side trained on (the emoji are 64x64; 32 = the base of a cascade)
-    sr_from: int | None = None  # train a super-resolution stage from images of this side (e.g. 32) to resolution
-    sr_noise_max: int = 350  # SR conditioning augmentation: noise levels (timesteps) drawn from [0, this]
-    # 11.5M parameters, 0.85 GFLOP per 16x16x4 forward: sized for hours of 2-core CPU (docs/training.md)
-    block_out_channels: tuple[int, ...] = (64, 128, 192)
-    layers_per_block: int = 1
-    attention_head_dim: int = 8
-    # the pooled prompt embedding (mean of the text encoder's token states) projected and added to the
-    # timestep embedding, so that every resolution sees the prompt, the 16x16 one (no cross-attention) too
-    pooled_text: bool = False
-    init: str | None = None  # when --out has no checkpoint: a unet or model folder to start from (a model folder continues its step count)
-    # "bf16": the forward pass under bfloat16 autocast (weights, optimiser and EMA stay float32); for GPUs.
-    # On this project's 2-core CPU (AVX512-BF16) it gains only 1.03x at 2 threads (benchmarks/train_step.py)
-    mixed_precision: str = "no"
-    ema_decay: float = 0.999  # a ~1,000-step window: runs here are thousands of steps, not hundreds of thousands
-    ckpt_every: int = 200
-    snapshot_every: int = 1000  # fp16 EMA model folders kept for the alignment-vs-compute curve
-    sample_every: int = 1000
-    log_every: int = 20
-    seed: int = 0
-    device: str = "auto"
 
 
 LATENT_FACTOR = 4  # the emoji autoencoder's downsampling
@@ -331,7 +293,7 @@ def train_unet(cfg: UNetConfig) -> Path:
             build_cache(cfg, cache)
     d.barrier()
     data = load_file(str(cache / "cache.safetensors"))
-    n, latent_shape = data["latent_mean"].shape[0], tuple(data["latent_mean"].shape[1:])
+    n = data["latent_mean"].shape[0]
     records = EmojiDataset(Path(cfg.data), split="train").records
     if len(records) != n:
         raise DreamlabError(f"the cache in {cache} holds {n} images but {cfg.data} has {len(records)} training images: "

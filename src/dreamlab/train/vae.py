@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,28 +33,9 @@ from .common import (
     shutdown_distributed,
     update,
 )
+from ..settings import VAEConfig  # noqa: F401  (the configuration, kept torch-free)
 
 
-@dataclass
-class VAEConfig:
-    data: str  # emoji dataset folder (dreamlab data emoji)
-    out: str  # run folder: checkpoints, logs, plots, and the exported vae/
-    steps: int = 20000
-    batch_size: int = 32  # per process
-    lr: float = 5e-4
-    warmup: int = 200
-    kl_weight: float = 1e-4
-    block_out_channels: tuple[int, ...] = (32, 64, 128)  # 3 levels: factor 4
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    init: str | None = None  # weights to start from when --out has no checkpoint (diffusers folder)
-    ema_decay: float = 0.999
-    ckpt_every: int = 500
-    eval_every: int = 500
-    log_every: int = 20
-    seed: int = 0
-    styles: tuple[str, ...] = ("google", "twitter")
-    device: str = "auto"
 
 
 def build_vae(cfg: VAEConfig):

@@ -1,0 +1,128 @@
+"""The trainers' and the evaluation's configurations: one dataclass each, a comment per field. Kept apart
+from the trainers (which import torch) so that the CLI can build its options without loading torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data.catalog import DEFAULT_DATA_DIR
+
+
+def default_judge_dir() -> Path:
+    """The judge shipped with the package, next to the default model."""
+    return Path(__file__).resolve().parent / "weights" / "judge"
+
+
+@dataclass
+class UNetConfig:
+    data: str  # emoji dataset folder
+    vae: str  # exported VAE folder (dreamlab train vae)
+    out: str  # run folder
+    steps: int = 6000
+    batch_size: int = 32  # per process
+    lr: float = 4e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    min_snr_gamma: float | None = 5.0
+    prediction: str = "v_prediction"
+    cond_dropout: float = 0.1
+    captions_per_image: int = 4  # caption variants encoded once and cycled over epochs
+    # "concept": every (emoji, style) pair drawn equally often, its skin-tone variants sharing its share
+    # (skin tones are 49% of the images but 5 renderings of one concept); "image": every image equally
+    sampling: str = "concept"
+    max_length: int = 24  # text tokens
+    resolution: int = 64  # image side trained on (the emoji are 64x64; 32 = the base of a cascade)
+    sr_from: int | None = None  # train a super-resolution stage from images of this side (e.g. 32) to resolution
+    sr_noise_max: int = 350  # SR conditioning augmentation: noise levels (timesteps) drawn from [0, this]
+    # 11.5M parameters, 0.85 GFLOP per 16x16x4 forward: sized for hours of 2-core CPU (docs/training.md)
+    block_out_channels: tuple[int, ...] = (64, 128, 192)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    # the pooled prompt embedding (mean of the text encoder's token states) projected and added to the
+    # timestep embedding, so that every resolution sees the prompt, the 16x16 one (no cross-attention) too
+    pooled_text: bool = False
+    init: str | None = None  # when --out has no checkpoint: a unet or model folder to start from (a model folder continues its step count)
+    # "bf16": the forward pass under bfloat16 autocast (weights, optimiser and EMA stay float32); for GPUs.
+    # On this project's 2-core CPU (AVX512-BF16) it gains only 1.03x at 2 threads (benchmarks/train_step.py)
+    mixed_precision: str = "no"
+    ema_decay: float = 0.999  # a ~1,000-step window: runs here are thousands of steps, not hundreds of thousands
+    ckpt_every: int = 200
+    snapshot_every: int = 1000  # fp16 EMA model folders kept for the alignment-vs-compute curve
+    sample_every: int = 1000
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class VAEConfig:
+    data: str  # emoji dataset folder (dreamlab data emoji)
+    out: str  # run folder: checkpoints, logs, plots, and the exported vae/
+    steps: int = 20000
+    batch_size: int = 32  # per process
+    lr: float = 5e-4
+    warmup: int = 200
+    kl_weight: float = 1e-4
+    block_out_channels: tuple[int, ...] = (32, 64, 128)  # 3 levels: factor 4
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    init: str | None = None  # weights to start from when --out has no checkpoint (diffusers folder)
+    ema_decay: float = 0.999
+    ckpt_every: int = 500
+    eval_every: int = 500
+    log_every: int = 20
+    seed: int = 0
+    styles: tuple[str, ...] = ("google", "twitter")
+    device: str = "auto"
+
+
+@dataclass
+class JudgeConfig:
+    data: str
+    out: str
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    data: str = str(DEFAULT_DATA_DIR)  # built by `dreamlab data emoji`
+    judge: str = str(default_judge_dir())
+    model: str | None = None  # default: the installed default model
+    run: str | None = None  # a `dreamlab train unet` run folder: score each snapshot, plot alignment vs hours
+    upscaler: str | None = None  # an SR stage: score each model as the base of a cascade with it
+    prompts: int = 100  # distinct held-out prompts
+    per_prompt: int = 2
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    cfg_scale: float = 4.0
+    seed: int = 0
+    prompts_from: str = "test"  # "test": held-out renderings (the score); "train": trained ones (the gap)
+    prompts_skip: int = 0  # leave out the first N prompts: tune settings on prompts the score does not use
+    prompt_format: str = "{caption}"  # the prompt of each rendering, from PROMPT_FIELDS; the score's is {caption}
+
+
+@dataclass
+class ControlNetConfig:
+    data: str  # emoji dataset folder
+    out: str  # run folder
+    condition: str = "canny"  # canny | shape (dreamlab.control.conditions)
+    base: str | None = None  # the model to control (default: the shipped default model)
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    cond_dropout: float = 0.5  # prompts dropped to the empty prompt (Zhang et al.: 50%)
+    min_snr_gamma: float | None = 5.0
+    ema_decay: float = 0.995
+    ckpt_every: int = 200
+    snapshot_every: int = 250  # fp16 EMA ControlNets kept for the fidelity-vs-steps curve
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
