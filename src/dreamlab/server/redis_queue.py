@@ -109,7 +109,9 @@ class RedisQueue:
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # this process, as the records name its attempts
         self._script = self.redis.register_script(_SCRIPT)
         self._tokens: dict[str, str] = {}  # job id -> token of this process's attempt at it
-        self.broker = RedisBroker(client=_client(url, retries=2, timeout=10), namespace=f"{PREFIX}:dramatiq",
+        # The broker's calls wait out a restart too: a dramatiq consumer that lost its connection restarts only
+        # after 3 s, and sends no heartbeat meanwhile.
+        self.broker = RedisBroker(client=_client(url, retries=12, timeout=10), namespace=f"{PREFIX}:dramatiq",
                                   middleware=[], heartbeat_timeout=int(heartbeat_timeout * 1000),
                                   maintenance_chance=MAINTENANCE_SCALE)  # look for dead workers on every call
         self.broker.declare_queue(QUEUE)
