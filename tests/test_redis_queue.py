@@ -92,9 +92,13 @@ def test_cancel_release_and_orphans(url):
     assert q.get(running).state == "cancelled" and q.counts() == {"cancelled": 2}
     job_id = q.submit({"prompt": "z"}, 10)
     q.claim(job_id)
+    token = q._tokens[job_id]
+    assert q._call("claim", job_id, token, 3) == b"claimed" and q.get(job_id).attempts == 1  # a retried claim
     q.release(job_id)  # a worker stopping: back to the queue, the attempt not counted
     job = q.get(job_id)
     assert job.state == "queued" and job.attempts == 0 and q.position(job_id) == 0
+    assert q._call("release", job_id, token) == 1  # retried after a lost answer: the same answer, so a new
+    assert q.get(job_id).attempts == 0  # message is sent, and nothing changes twice
     assert q.claim("f" * 32, wait=0.2) is None  # a message whose submission failed before its record was written
     with pytest.raises(Exception, match="the queue is full"):
         q.submit({"prompt": "w"}, max_queue=1)
@@ -170,6 +174,34 @@ def test_a_job_longer_than_the_heartbeat_timeout_stays_with_its_worker(tiny, url
     assert jobs[0]["finished"] - jobs[0]["started"] > 2.5  # it ran for more than twice the heartbeat timeout
     assert max(j["finished"] for j in jobs[1:]) < jobs[0]["finished"] - 1.0  # while the other worker idled
     assert other.queue.stats() == {"delivered": 4}
+
+
+def test_a_stopping_worker_puts_its_job_back_uncounted_for_another(tiny, url, redis_server):
+    """SIGTERM or Ctrl-C: the running job stops at its next step and goes back to the queue, with a new
+    message and its attempt not counted; another worker runs it."""
+    r = redis_server.client()
+
+    def until(condition):
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    first = RedisWorker(tiny, RedisQueue(url))
+    first.queue.set_progress = lambda *a, _set=first.queue.set_progress, **k: (time.sleep(0.05), _set(*a, **k))
+    first.start()
+    job_id = first.queue.submit({"prompt": "x", "steps": 30, "seed": 1}, max_queue=10)
+    until(lambda: int(r.hget(f"dreamlab:progress:{job_id}", "step") or 0) >= 2)
+    first.stop()
+    job = first.queue.get(job_id)
+    assert (job.state, job.attempts, first.queue.position(job_id)) == ("queued", 0, 0)
+    second = RedisWorker(tiny, RedisQueue(url))
+    second.start()
+    try:
+        until(lambda: field(r, job_id, "delivered") is not None)
+    finally:
+        second.stop()
+    assert second.queue.get(job_id).attempts == 1 and field(r, job_id, "deliveries") == "1"
 
 
 def test_images_are_byte_for_byte_those_of_the_embedded_queue(tiny, url, tmp_path):

@@ -5,7 +5,8 @@
 --
 -- $prefix:job:$id         hash: id seq state request created started finished attempts cancel_requested
 --                         error owner (the token of the attempt that runs it) delivered (that token, once
---                         its images were handed in) deliveries (how many were accepted: 0 or 1)
+--                         its images were handed in) deliveries (how many were accepted: 0 or 1) last
+--                         (the last change an attempt made: "<token> <command>")
 -- $prefix:jobs            zset: every job by submission order (seq)
 -- $prefix:q:$state        zset per state: queued, running, done, failed, cancelled (queued: by queue ticket)
 -- $prefix:seq, :ticket    counters: submission order; queue order (a released job gets a new ticket)
@@ -37,6 +38,17 @@ local function owns(token)
     return redis.call("hget", job, "state") == "running" and redis.call("hget", job, "owner") == token
 end
 
+-- A call whose answer was lost (the server restarted after running it) is retried by the client: an
+-- attempt's last change is remembered, so that running it again answers as the first time did.
+local function repeated(token)
+    return redis.call("hget", job, "last") == token .. " " .. command
+end
+
+local function remember(token)
+    redis.call("hset", job, "last", token .. " " .. command)
+    return 1
+end
+
 if command == "submit" then  -- request (JSON)
     if redis.call("exists", job) == 1 then
         return 0  -- a retried call
@@ -53,6 +65,9 @@ elseif command == "claim" then  -- token, max_attempts -> "claimed", "ended" (no
     local state = redis.call("hget", job, "state")
     if not state then
         return "missing"
+    end
+    if redis.call("hget", job, "owner") == ARGV[4] and state == "running" then
+        return "claimed"  -- a retried call
     end
     if state == "running" and redis.call("hexists", job, "delivered") == 0 then
         -- dramatiq delivered the job's message again: the worker running it stopped heartbeating
@@ -93,7 +108,7 @@ elseif command == "progress" then  -- token, step, total[, preview]
 
 elseif command == "deliver" then  -- token, then a PNG and its manifest (JSON) per image
     if redis.call("hget", job, "delivered") == ARGV[4] then
-        return 1  -- a retried call
+        return 1  -- a retried call (the job may have ended since)
     end
     if not owns(ARGV[4]) then
         redis.call("hincrby", P .. ":stats", "rejected", 1)
@@ -126,30 +141,26 @@ elseif command == "collected" then  -- [error]: the API node wrote the images in
     redis.call("lrem", P .. ":collecting", 0, id)
     return 1
 
-elseif command == "fail" then  -- token, error
-    if not owns(ARGV[4]) then
+elseif command == "fail" or command == "cancelled" or command == "release" then  -- token[, error]
+    local token = ARGV[4]
+    if repeated(token) then
+        return 1
+    end
+    if not owns(token) then
         return 0
     end
-    redis.call("hset", job, "error", ARGV[5])
-    set_state("failed")
-    return 1
-
-elseif command == "cancelled" then  -- token: the worker stopped at a step after cancellation was asked
-    if not owns(ARGV[4]) then
-        return 0
+    if command == "fail" then
+        redis.call("hset", job, "error", ARGV[5])
+        set_state("failed")
+    elseif command == "cancelled" then  -- the worker stopped at a step after cancellation was asked
+        set_state("cancelled")
+    else  -- the worker is stopping: the job goes back to the queue, the attempt not counted
+        set_state("queued", redis.call("incr", P .. ":ticket"))
+        redis.call("hincrby", job, "attempts", -1)
+        redis.call("hdel", job, "owner", "started")
+        redis.call("del", P .. ":progress:" .. id)
     end
-    set_state("cancelled")
-    return 1
-
-elseif command == "release" then  -- token: the worker is stopping; the job goes back to the queue
-    if not owns(ARGV[4]) then
-        return 0
-    end
-    set_state("queued", redis.call("incr", P .. ":ticket"))
-    redis.call("hincrby", job, "attempts", -1)
-    redis.call("hdel", job, "owner", "started")
-    redis.call("del", P .. ":progress:" .. id)
-    return 1
+    return remember(token)
 
 elseif command == "cancel" then  -- -> the state it was in (false: no such job)
     local state = redis.call("hget", job, "state")
