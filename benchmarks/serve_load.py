@@ -4,17 +4,22 @@ latency.
 
     python benchmarks/serve_load.py [--jobs 100] [--clients 20] [--steps 8] [--model DIR] [--threads 1]
         [--follow events|poll] [--poll-interval 0.1] [--preview-every 2] [--json out.json]
+        [--queue sqlite|redis|redis://HOST:PORT/DB] [--workers N]
 
 The server is `python -m dreamlab.cli serve` with a fresh data folder (a tiny random model made in a
-temp folder unless --model is given). Each client thread submits its share of the jobs one after the
+temp folder unless --model is given). With --queue redis it starts its own redis-server (Debian's, on a
+free loopback port, append-only, fsync every second) and with redis://... uses that one (flushing its
+database first); the server is then the API node only (`serve --queue URL --no-worker`) and --workers N
+`dreamlab worker --queue URL` processes run the jobs. With sqlite (the default) the server's own worker
+does, and --workers must be 1. Each client thread submits its share of the jobs one after the
 other, following each to its end (by default through its Server-Sent Events stream; --follow poll polls
 GET /api/jobs/{id} instead) before submitting the next, so up to C jobs are in the queue at once.
 Latency = client-observed time from submission to the job's end (queue wait included; the stream checks
 for news every 50 ms); the server's own view (finished - created) is reported beside it.
 Throughput = jobs / wall time from the first submission to the last completion.
 
-Checks: every submission got a distinct job id; every job ends ``done`` with ``batch`` images; the
-gallery holds exactly jobs x batch images, each job's once; one PNG per image on disk.
+Checks: every submission got a distinct job id; every job ends ``done`` with ``batch`` images, run once
+(``attempts`` 1); the gallery holds exactly jobs x batch images, each job's once; one PNG per image on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -47,13 +53,63 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def start_server(model: Path, data: Path, port: int, threads: int, preview_every: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux's /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A private redis-server on a free loopback port: append-only, fsync every second (docs/serving.md)."""
+    import redis
+
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
+                             "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(folder / "redis.log")])
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"redis-server did not start:\n{(folder / 'redis.log').read_text()}") from None
+            time.sleep(0.05)
+
+
+def start_workers(n: int, model: Path, queue: str, threads: int, preview_every: int, folder: Path) -> list[subprocess.Popen]:
+    """``n`` ``dreamlab worker`` processes; returns once each has said it runs jobs."""
+    procs, logs = [], [folder / f"worker-{i}.log" for i in range(n)]
+    for log in logs:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "dreamlab.cli", "worker", "--queue", queue, "--model", str(model), "--threads", str(threads),
+             "--preview-every", str(preview_every), "--log-level", "warning"],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV,
+        ))
+    deadline = time.monotonic() + 120
+    for proc, log in zip(procs, logs):
+        while "dreamlab worker " not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"worker did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+    return procs
+
+
+def start_server(model: Path, data: Path, port: int, threads: int, preview_every: int, log: Path,
+                 queue: str | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "dreamlab.cli", "serve", "--model", str(model), "--data", str(data), "--host", "127.0.0.1",
          "--port", str(port), "--threads", str(threads), "--preview-every", str(preview_every), "--log-level", "warning",
-         "--max-queue", "1000"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+         "--max-queue", "1000", *(["--queue", queue, "--no-worker"] if queue else [])],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV,
     )
     deadline = time.monotonic() + 120
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
@@ -85,7 +141,12 @@ def main() -> None:
     ap.add_argument("--poll-interval", type=float, default=0.1, help="seconds between polls with --follow poll")
     ap.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--queue", default="sqlite",
+                    help="sqlite (the server's embedded queue), redis (a redis-server started here) or redis://HOST:PORT/DB")
+    ap.add_argument("--workers", type=int, default=1, help="`dreamlab worker` processes (Redis queue only)")
     args = ap.parse_args()
+    if args.queue == "sqlite" and args.workers != 1:
+        ap.error("--workers: the SQLite queue has the server's one worker; use --queue redis for more")
 
     work = Path(tempfile.mkdtemp(prefix="dreamlab-load-"))
     if args.model:
@@ -96,8 +157,21 @@ def main() -> None:
         model = make_tiny_model(work / "tiny")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(model, work / "data", port, args.threads, args.preview_every, work / "server.log")
-    print(f"server up on {url} (data in {work / 'data'})", flush=True)
+    extra: list[subprocess.Popen] = []  # redis-server and the workers, stopped at the end
+    queue = None
+    if args.queue == "redis":
+        redis_proc, queue = start_redis(work)
+        extra.append(redis_proc)
+    elif args.queue != "sqlite":
+        import redis
+
+        queue = args.queue
+        redis.Redis.from_url(queue).flushdb()
+    redis_procs = list(extra)  # (none when the server is someone else's)
+    proc = start_server(model, work / "data", port, args.threads, args.preview_every, work / "server.log", queue)
+    workers = start_workers(args.workers, model, queue, args.threads, args.preview_every, work) if queue else []
+    extra[:0] = workers
+    print(f"server up on {url} (data in {work / 'data'}; queue {queue or 'sqlite'}, {args.workers} worker(s))", flush=True)
 
     shares = [args.jobs // args.clients + (i < args.jobs % args.clients) for i in range(args.clients)]
     results: list[dict] = []
@@ -123,6 +197,7 @@ def main() -> None:
                 latency = time.monotonic() - t0
                 with lock:
                     results.append({"id": job_id, "state": job["state"], "latency": latency, "images": len(job["images"]),
+                                    "attempts": job["attempts"],
                                     "server_latency": (job["finished"] or 0) - job["created"], "error": job["error"],
                                     "done_at": time.monotonic()})
 
@@ -146,12 +221,17 @@ def main() -> None:
         return job
 
     threads = [threading.Thread(target=client, args=(i, n)) for i, n in enumerate(shares)]
+    # CPU time of each kind of process during the load: the API node's per job bounds what more workers on
+    # other machines can add (the worker's own in the SQLite case)
+    roles = {"server": [proc], "workers": workers, "redis": redis_procs}
+    cpu_start = {role: sum(cpu_seconds(p.pid) for p in ps) for role, ps in roles.items()}
     t_start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = max((r["done_at"] for r in results), default=time.monotonic()) - t_start
+    cpu = {role: sum(cpu_seconds(p.pid) for p in ps) - cpu_start[role] for role, ps in roles.items() if ps}
 
     with httpx.Client(base_url=url, timeout=30) as c:
         gallery = []
@@ -160,8 +240,9 @@ def main() -> None:
             gallery += page["items"]
             if len(gallery) >= page["total"]:
                 break
-    proc.terminate()
-    proc.wait(30)
+    for p in (proc, *extra):
+        p.terminate()
+        p.wait(30)
 
     ids = [r["id"] for r in results]
     done = [r for r in results if r["state"] == "done"]
@@ -172,6 +253,7 @@ def main() -> None:
         "ids distinct": len(set(ids)) == len(ids),
         "all done": len(done) == args.jobs,
         "images per job": all(r["images"] == args.batch for r in results),
+        "each run once": all(r["attempts"] == 1 for r in results),
         "gallery exact": image_jobs == sorted(i for i in ids for _ in range(args.batch)),
         "pngs on disk": len(pngs) == args.jobs * args.batch,
     }
@@ -179,16 +261,19 @@ def main() -> None:
     server_lat = [r["server_latency"] for r in done] or [0.0]
     out = {
         "jobs": args.jobs, "clients": args.clients, "steps": args.steps, "batch": args.batch, "threads": args.threads,
-        "follow": args.follow, "preview_every": args.preview_every,
+        "follow": args.follow, "preview_every": args.preview_every, "queue": "redis" if queue else "sqlite",
+        "workers": args.workers,
         "model": str(model), "wall_s": round(wall, 3), "throughput_jobs_per_s": round(len(done) / wall, 2),
         "latency_s": {"p50": round(percentile(lat, 50), 3), "p95": round(percentile(lat, 95), 3),
                       "mean": round(statistics.mean(lat), 3), "max": round(max(lat), 3)},
         "server_latency_s": {"p50": round(percentile(server_lat, 50), 3), "p95": round(percentile(server_lat, 95), 3)},
+        "cpu_ms_per_job": {role: round(1000 * seconds / max(len(done), 1), 1) for role, seconds in cpu.items()},
         "checks": checks, "errors": errors[:5] + [r["error"] for r in results if r["error"]][:5],
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
     print(json.dumps(out, indent=2))
-    print(f"{len(done)}/{args.jobs} jobs done by {args.clients} clients in {wall:.2f} s: {out['throughput_jobs_per_s']} jobs/s, "
+    print(f"{len(done)}/{args.jobs} jobs done by {args.clients} clients in {wall:.2f} s ({out['queue']} queue, "
+          f"{args.workers} worker(s)): {out['throughput_jobs_per_s']} jobs/s, "
           f"latency p50 {out['latency_s']['p50']:.3f} s, p95 {out['latency_s']['p95']:.3f} s; "
           + ("all checks passed" if all(checks.values()) else "FAILED: " + ", ".join(k for k, v in checks.items() if not v)))
     if args.json:

@@ -449,7 +449,8 @@ def test_follow_reads_the_job_only_when_the_store_changed_and_ends_with_the_fina
 
 def test_the_two_faces_import_the_service_not_each_other():
     """ui.py never imports app.py (no cycle); app.py imports neither Gradio nor ui.py until create_app mounts
-    the UI (so --no-ui never pays for Gradio); the service knows neither face's framework. Each run imports
+    the UI (so --no-ui never pays for Gradio); the service knows neither face's framework, and neither imports
+    redis or dramatiq unless a Redis queue is asked for. Each run imports
     the modules in order in a fresh interpreter and names the ones of the rest already imported."""
     code = """if True:
         import importlib, json, sys
@@ -457,8 +458,9 @@ def test_the_two_faces_import_the_service_not_each_other():
             importlib.import_module(module)
             print(module, *(m for m in absent if m in sys.modules))"""
     runs = [
-        [("dreamlab.server.service", ["fastapi", "starlette", "gradio", "dreamlab.server.app", "dreamlab.server.ui"]),
-         ("dreamlab.server.app", ["gradio", "dreamlab.server.ui"])],
+        [("dreamlab.server.service", ["fastapi", "starlette", "gradio", "dreamlab.server.app", "dreamlab.server.ui",
+                                      "redis", "dramatiq"]),
+         ("dreamlab.server.app", ["gradio", "dreamlab.server.ui", "redis", "dramatiq"])],
         [("dreamlab.server.ui", ["dreamlab.server.app"])],
     ]
     for steps in runs:

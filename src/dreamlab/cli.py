@@ -325,8 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_compose_cli(sub)
     add_control_eval_cli(sub)
     from .server.cli import add_cli as add_serve_cli
+    from .server.worker_cli import add_cli as add_worker_cli
 
     add_serve_cli(sub)
+    add_worker_cli(sub)
     add_replay_cli(sub)
     from .loading.convert import add_cli as add_convert_cli
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -84,19 +85,30 @@ def _unquote(value: str) -> str:
     return value
 
 
-def save_png(image: Image.Image, path: str | Path, manifest: Manifest | dict[str, Any]) -> Path:
-    """Write atomically (a temp file renamed into place), so a failure never leaves a partial PNG."""
-    path = Path(path)
+def png_bytes(image: Image.Image, manifest: Manifest | dict[str, Any]) -> bytes:
+    """The PNG file of an output: the pixels, the A1111 ``parameters`` chunk and the dreamlab manifest."""
     if isinstance(manifest, Manifest):
         manifest = manifest.dump()
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(manifest))
     info.add_text(MANIFEST_KEY, json.dumps(manifest, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, path: str | Path, manifest: Manifest | dict[str, Any]) -> Path:
+    """Write atomically (a temp file renamed into place), so a failure never leaves a partial PNG."""
+    return write_atomic(Path(path), png_bytes(image, manifest))
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """``data`` into ``path`` through a temp file renamed into place; errors as one-line DreamlabErrors."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            f.write(data)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import json
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator
 
 from fastapi import Body, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -28,8 +28,11 @@ from ..models.bundle import ModelBundle
 from . import a1111
 from .a1111_schema import NO_OPS
 from .docs import mount_docs
-from .queue import ImageRecord, Job, JobState, QueueFullError
+from .queue import ImageRecord, Job, JobState, QueueFullError, QueueUnavailableError
 from .service import JobFinishedError, JobView, Limits, Service  # Limits: create_app's, importable from here too
+
+if TYPE_CHECKING:
+    from .redis_queue import RedisQueue
 
 JOB_ID = r"^[0-9a-f]{32}$"
 IMAGE_ID = r"^[0-9a-f]{32}-[0-9]{1,2}$"
@@ -182,15 +185,17 @@ def create_app(
     ui: bool = True,
     device: str = "cpu",
     allow_pickle: bool = False,
+    queue: str | RedisQueue | None = None,
 ) -> FastAPI:
     """The whole server as an ASGI app: ``model`` is a loaded bundle or a model folder (None: the installed
     default model). The data folder is locked at once (one server per folder); the worker starts and
-    stops with the app's lifespan (``uvicorn`` runs it; so does ``with TestClient(app)``)."""
+    stops with the app's lifespan (``uvicorn`` runs it; so does ``with TestClient(app)``). ``queue``: a Redis
+    URL (or ``RedisQueue``) to share the job queue with ``dreamlab worker``s on other machines."""
     if not isinstance(model, ModelBundle):
         from ..loading.model import load_model
 
         model = load_model(model, device=device, allow_pickle=allow_pickle)
-    srv = Service(model, Path(data_dir), limits, preview_every)
+    srv = Service(model, Path(data_dir), limits, preview_every, queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -232,6 +237,10 @@ def create_app(
     @app.exception_handler(DreamlabError)
     async def _dreamlab(request: Request, exc: DreamlabError) -> JSONResponse:
         return _error(request, exc, 400, str(exc))
+
+    @app.exception_handler(QueueUnavailableError)
+    async def _unavailable(request: Request, exc: QueueUnavailableError) -> JSONResponse:
+        return _error(request, exc, 503, str(exc), headers={"Retry-After": "5"})
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

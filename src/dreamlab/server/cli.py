@@ -6,6 +6,8 @@ import argparse
 import ipaddress
 import sys
 
+from .worker_cli import add_heartbeat_arg
+
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="HTTP API, job queue and web UI")
@@ -27,6 +29,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--preview-every", type=int, default=2, help="decode a preview every N steps; 0: none (default: 2)")
     s.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable; default: none)")
     s.add_argument("--no-ui", action="store_true", help="serve the API only")
+    s.add_argument("--queue", help="share the job queue with `dreamlab worker`s on other machines through this Redis "
+                   "server: redis://HOST:PORT/DB (default: the embedded SQLite queue in --data)")
+    s.add_argument("--no-worker", action="store_true", help="run no worker in this process (with --queue: only the "
+                   "`dreamlab worker`s run jobs)")
+    add_heartbeat_arg(s)
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
 
@@ -57,10 +64,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loopback = args.host == "localhost"
     if not loopback:
         print(f"warning: binding {args.host}: anyone who can reach it can use this server (no authentication)", file=sys.stderr)
+    if args.queue:
+        from .redis_queue import RedisQueue
+
+        queue = RedisQueue(args.queue, heartbeat_timeout=args.heartbeat_timeout)  # a bad URL fails before the model loads
     model = load_model(args.model, device=args.device, allow_pickle=args.allow_pickle, prediction=args.prediction)
-    app = create_app(model, args.data, limits=limits, preview_every=args.preview_every,
+    app = create_app(model, args.data, limits=limits, preview_every=args.preview_every, run_worker=not args.no_worker,
                      cors_origins=tuple(args.cors_origin), ui=not args.no_ui, device=args.device,
-                     allow_pickle=args.allow_pickle)
+                     allow_pickle=args.allow_pickle, queue=queue if args.queue else None)
     print(f"dreamlab serving on http://{args.host}:{args.port}/  (API docs: /docs, /redoc; A1111 API: /sdapi/v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

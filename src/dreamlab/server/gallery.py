@@ -13,14 +13,14 @@ from pathlib import Path
 from PIL import Image
 
 from ..manifest import Manifest
-from ..metadata import save_png
-from .queue import ImageRecord, JobStore
+from ..metadata import png_bytes, write_atomic
+from .queue import GalleryIndex, ImageRecord
 
 INPUT_EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 
 
 class Gallery:
-    def __init__(self, root: str | Path, store: JobStore):
+    def __init__(self, root: str | Path, store: GalleryIndex):
         self.root = Path(root)
         self.images_dir = self.root / "images"
         self.inputs_dir = self.root / "inputs"
@@ -30,11 +30,15 @@ class Gallery:
 
     def save(self, job_id: str, images: list[Image.Image], manifests: list[Manifest]) -> list[ImageRecord]:
         """Write the PNGs of a finished job (atomically, each) and return their records."""
+        return self.save_files(job_id, [png_bytes(im, m) for im, m in zip(images, manifests, strict=True)], manifests)
+
+    def save_files(self, job_id: str, pngs: list[bytes], manifests: list[Manifest]) -> list[ImageRecord]:
+        """The same for PNG files already encoded (``metadata.png_bytes``), e.g. by a worker on another machine."""
         records = []
         now = time.time()
-        for i, (image, manifest) in enumerate(zip(images, manifests, strict=True)):
+        for i, (png, manifest) in enumerate(zip(pngs, manifests, strict=True)):
             filename = f"{job_id}-{i}.png"  # job ids are server-made uuid hex
-            save_png(image, self.images_dir / filename, manifest)
+            write_atomic(self.images_dir / filename, png)
             records.append(
                 ImageRecord(
                     id=f"{job_id}-{i}",

@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+"""
+_INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY,                      -- '<job id>-<index in batch>'
     job_id TEXT NOT NULL,
@@ -67,7 +69,12 @@ CREATE TABLE IF NOT EXISTS inputs (
 
 
 class QueueFullError(Exception):
-    pass
+    def __init__(self, pending: int):
+        super().__init__(f"the queue is full ({pending} jobs waiting or running); try again later")
+
+
+class QueueUnavailableError(Exception):
+    """The shared queue (a Redis server) cannot be reached now; the request can be retried."""
 
 
 @dataclass
@@ -117,21 +124,19 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class JobStore:
-    def __init__(self, path: str | Path, *, max_queue: int = 256, max_attempts: int = 3):
+class GalleryIndex:
+    """The gallery's index in the server's SQLite database: its images (with their manifests) and the
+    recorded inputs. Both job stores keep it: ``JobStore`` (jobs in the same database) and the Redis one
+    (``redis_store.RedisJobStore``: jobs in Redis, shared by workers on other machines)."""
+
+    def __init__(self, path: str | Path, schema: str = ""):
         self.path = Path(path)
-        self.max_queue = max_queue
-        self.max_attempts = max_attempts
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._progress: dict[str, Progress] = {}
-        self._cancel: set[str] = set()
-        self._wakeup = threading.Condition(self._lock)
-        self.version = 0  # bumped on every job state change
+        self._db.executescript(schema + _INDEX_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -148,6 +153,78 @@ class JobStore:
                 raise
             self._db.execute("COMMIT")
 
+    @staticmethod
+    def _insert_images(db: sqlite3.Connection, images: list[ImageRecord]) -> None:
+        """Inside a transaction: the images of a finished job (a rerun job replaces its own rows)."""
+        db.executemany(
+            "INSERT OR REPLACE INTO images (id, job_id, idx, filename, prompt, negative_prompt, seed, width, height, created, manifest)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (im.id, im.job_id, im.idx, im.filename, im.prompt, im.negative_prompt, im.seed, im.width, im.height,
+                 im.created, json.dumps(im.manifest, sort_keys=True))
+                for im in images
+            ],
+        )
+
+    # --- images -----------------------------------------------------------------------------------
+
+    def images_of(self, job_id: str) -> list[ImageRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (job_id,)).fetchall()
+        return [_image(r) for r in rows]
+
+    def image(self, image_id: str) -> ImageRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+        return _image(row) if row else None
+
+    def search_images(self, query: str = "", limit: int = 50, offset: int = 0) -> tuple[int, list[ImageRecord]]:
+        """Newest first; ``query`` matches a substring of the prompt (case-insensitive for ASCII)."""
+        like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where = "WHERE prompt LIKE ? ESCAPE '\\'"
+        with self._lock:
+            (total,) = self._db.execute(f"SELECT COUNT(*) FROM images {where}", (like,)).fetchone()
+            rows = self._db.execute(
+                f"SELECT * FROM images {where} ORDER BY created DESC, id LIMIT ? OFFSET ?", (like, limit, offset)
+            ).fetchall()
+        return int(total), [_image(r) for r in rows]
+
+    def delete_image(self, image_id: str) -> ImageRecord | None:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        return _image(row)
+
+    def all_image_filenames(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT filename FROM images").fetchall()]
+
+    # --- recorded inputs (img2img sources, masks) ---------------------------------------------------
+
+    def add_input(self, sha256: str, filename: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO inputs (sha256, filename, created) VALUES (?, ?, ?)", (sha256, filename, time.time()))
+
+    def input_filename(self, sha256: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT filename FROM inputs WHERE sha256 = ?", (sha256,)).fetchone()
+        return row["filename"] if row else None
+
+
+class JobStore(GalleryIndex):
+    """The embedded job store: jobs and the gallery index in one SQLite database, one worker thread."""
+
+    def __init__(self, path: str | Path, *, max_queue: int = 256, max_attempts: int = 3):
+        super().__init__(path, _SCHEMA)
+        self.max_queue = max_queue
+        self.max_attempts = max_attempts
+        self._progress: dict[str, Progress] = {}
+        self._cancel: set[str] = set()
+        self._wakeup = threading.Condition(self._lock)
+        self.version = 0  # bumped on every job state change
+
     # --- jobs -------------------------------------------------------------------------------------
 
     def submit(self, request: dict[str, Any]) -> Job:
@@ -155,7 +232,7 @@ class JobStore:
         with self._tx() as db:
             (pending,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()
             if pending >= self.max_queue:
-                raise QueueFullError(f"the queue is full ({pending} jobs waiting or running); try again later")
+                raise QueueFullError(pending)
             db.execute(
                 "INSERT INTO jobs (id, state, request, created) VALUES (?, 'queued', ?, ?)",
                 (job_id, json.dumps(request), now),
@@ -207,15 +284,7 @@ class JobStore:
 
     def complete(self, job_id: str, images: list[ImageRecord]) -> None:
         with self._tx() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO images (id, job_id, idx, filename, prompt, negative_prompt, seed, width, height, created, manifest)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (im.id, im.job_id, im.idx, im.filename, im.prompt, im.negative_prompt, im.seed, im.width, im.height,
-                     im.created, json.dumps(im.manifest, sort_keys=True))
-                    for im in images
-                ],
-            )
+            self._insert_images(db, images)
             db.execute("UPDATE jobs SET state = 'done', finished = ?, error = NULL WHERE id = ?", (time.time(), job_id))
         self._finish(job_id)
 
@@ -317,53 +386,6 @@ class JobStore:
         with self._lock:
             p = self._progress.get(job_id)
             return Progress(p.step, p.total, p.preview, p.version) if p else None
-
-    # --- images -----------------------------------------------------------------------------------
-
-    def images_of(self, job_id: str) -> list[ImageRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (job_id,)).fetchall()
-        return [_image(r) for r in rows]
-
-    def image(self, image_id: str) -> ImageRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
-        return _image(row) if row else None
-
-    def search_images(self, query: str = "", limit: int = 50, offset: int = 0) -> tuple[int, list[ImageRecord]]:
-        """Newest first; ``query`` matches a substring of the prompt (case-insensitive for ASCII)."""
-        like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        where = "WHERE prompt LIKE ? ESCAPE '\\'"
-        with self._lock:
-            (total,) = self._db.execute(f"SELECT COUNT(*) FROM images {where}", (like,)).fetchone()
-            rows = self._db.execute(
-                f"SELECT * FROM images {where} ORDER BY created DESC, id LIMIT ? OFFSET ?", (like, limit, offset)
-            ).fetchall()
-        return int(total), [_image(r) for r in rows]
-
-    def delete_image(self, image_id: str) -> ImageRecord | None:
-        with self._tx() as db:
-            row = db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
-            if row is None:
-                return None
-            db.execute("DELETE FROM images WHERE id = ?", (image_id,))
-        return _image(row)
-
-    def all_image_filenames(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT filename FROM images").fetchall()]
-
-    # --- recorded inputs (img2img sources, masks) ---------------------------------------------------
-
-    def add_input(self, sha256: str, filename: str) -> None:
-        with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO inputs (sha256, filename, created) VALUES (?, ?, ?)", (sha256, filename, time.time()))
-
-    def input_filename(self, sha256: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT filename FROM inputs WHERE sha256 = ?", (sha256,)).fetchone()
-        return row["filename"] if row else None
-
 
 _JOB_COLUMNS = ("seq", "id", "state", "request", "created", "started", "finished", "attempts", "cancel_requested", "error")
 

@@ -21,7 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from PIL import Image
 
@@ -33,6 +33,10 @@ from ..models.bundle import ModelBundle
 from .gallery import Gallery
 from .queue import TERMINAL, ImageRecord, Job, JobStore, Progress
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from .redis_queue import RedisQueue
+    from .redis_store import RedisJobStore
 
 log = logging.getLogger("dreamlab.server")
 
@@ -148,7 +152,10 @@ class JobUpdate:
 class Service:
     """The store, gallery, model and worker, and what the faces do with them."""
 
-    def __init__(self, model: ModelBundle, data_dir: Path, limits: Limits, preview_every: int):
+    def __init__(self, model: ModelBundle, data_dir: Path, limits: Limits, preview_every: int,
+                 queue: str | RedisQueue | None = None):
+        """``queue``: None for the embedded SQLite queue in ``data_dir``; a Redis URL (or a connected
+        ``RedisQueue``) for a queue shared with ``dreamlab worker``s on other machines."""
         self.model, self.data_dir, self.limits = model, data_dir, limits
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -160,9 +167,20 @@ class Service:
         except OSError:
             self._lock_file.close()
             raise DreamlabError(f"another dreamlab server is using {data_dir}") from None
-        self.store = JobStore(data_dir / DB_NAME, max_queue=limits.max_queue)
-        self.gallery = Gallery(data_dir, self.store)
-        self.worker = Worker(model, self.store, self.gallery, preview_every=preview_every)
+        self.store: JobStore | RedisJobStore
+        if queue is None:
+            self.store = JobStore(data_dir / DB_NAME, max_queue=limits.max_queue)
+            self.gallery = Gallery(data_dir, self.store)
+            self.worker = Worker(model, self.store, self.gallery, preview_every=preview_every)
+        else:  # jobs in Redis, run by workers anywhere; redis and dramatiq are imported only then
+            from .redis_queue import RedisQueue
+            from .redis_store import RedisJobStore
+            from .redis_worker import RedisWorker
+
+            queue = RedisQueue(queue) if isinstance(queue, str) else queue
+            self.store = RedisJobStore(data_dir, DB_NAME, queue, model, max_queue=limits.max_queue)
+            self.gallery = self.store.gallery
+            self.worker = RedisWorker(model, queue, preview_every=preview_every)
 
     def start(self, run_worker: bool) -> None:
         requeued = self.store.requeue_interrupted()

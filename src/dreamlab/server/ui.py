@@ -30,7 +30,7 @@ from ..core.samplers import SAMPLERS
 from ..core.schedules import SPACINGS
 from ..errors import DreamlabError, InvalidRequestError
 from ..generate import GenerationRequest, format_validation_error, sr_factor
-from .queue import ImageRecord, QueueFullError
+from .queue import ImageRecord, QueueFullError, QueueUnavailableError
 from .service import JobFinishedError, Service
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio: no telemetry, no version check
@@ -268,7 +268,7 @@ def build_ui(srv: Service) -> gr.Blocks:
                                 edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
                                 control_path, control_condition, control_scale, control_preprocess, collage_rows)
             job = await asyncio.to_thread(srv.submit, req)
-        except (DreamlabError, QueueFullError) as e:
+        except (DreamlabError, QueueFullError, QueueUnavailableError) as e:
             raise gr.Error(str(e), print_exception=False) from None
         first = True  # the first update also clears the last run's preview and results
         view, final = None, False

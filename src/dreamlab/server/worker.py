@@ -17,6 +17,7 @@ from ..core.types import StepInfo
 from ..errors import Cancelled, DreamlabError
 from ..generate import GenerationRequest, generate
 from ..images import on_background, to_pil
+from ..manifest import Manifest
 from ..models.bundle import ModelBundle
 from .gallery import Gallery
 from .queue import Job, JobStore
@@ -74,8 +75,7 @@ class Worker:
             request = GenerationRequest.model_validate(job.request)
             result = generate(self.model, request, on_step=lambda info: self._on_step(job.id, info))
             images, manifests = zip(*result.gallery_items())
-            records = self.gallery.save(job.id, list(images), list(manifests))
-            self.store.complete(job.id, records)
+            self.finish(job, list(images), list(manifests))
         except Cancelled:
             self.store.mark_cancelled(job.id)
         except _Shutdown:
@@ -85,6 +85,11 @@ class Worker:
         except Exception as e:  # a bug or an environment problem: keep serving, record it on the job
             log.exception("job %s failed", job.id)
             self.store.fail(job.id, f"internal error: {type(e).__name__}: {e}")
+
+    def finish(self, job: Job, images: list[Image.Image], manifests: list[Manifest]) -> None:
+        """The images go into the gallery and the job ends ``done`` (a worker of a Redis queue hands them
+        to the API node instead: ``redis_worker.RedisWorker``)."""
+        self.store.complete(job.id, self.gallery.save(job.id, images, manifests))
 
     def _on_step(self, job_id: str, info: StepInfo) -> None:
         if self.store.cancel_requested(job_id):
