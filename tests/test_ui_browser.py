@@ -290,3 +290,28 @@ def test_api_docs_render_offline(live, browser):
     assert "/sdapi/v1/img2img" in page.text_content("body")
     assert set(page.evaluate("window.__blocked")) <= {"https://cdn.redoc.ly/redoc/logo-mini.svg"}
     assert elsewhere == []
+
+
+def test_edit_by_prompt_and_a_collage_in_the_browser(live, browser):
+    import httpx
+
+    url, _ = live
+    page, elsewhere = browser
+    open_ui(page, url)
+    page.locator("#prompt textarea").fill("red apple")
+    set_number(page, "steps", 4)
+    page.locator("#seed input").fill("5")
+    page.get_by_role("tab", name="Edit by prompt").click()
+    page.locator("#edit-target textarea").fill("green apple")
+    page.locator("#edit-reweight textarea, #edit-reweight input").first.fill("green=2")
+    assert generate(page) == "done: 3 images, seed 5, 5, 5"  # the edit, its source, its attention sheet
+    (job,) = httpx.get(f"{url}/api/jobs").json()["items"]
+    assert job["request"]["edit"]["target"] == "green apple" and job["request"]["edit"]["reweight"] == {"green": 2.0}
+    page.wait_for_function("document.querySelectorAll('#results .grid-container .thumbnail-item img').length === 3")
+
+    page.get_by_role("tab", name="Collage").click()
+    page.wait_for_selector("#collage-canvas img")  # the default layout, drawn
+    assert generate(page) == "done: 4 images, seed 5, 5, 5, 5"  # the scene, the collage, its two layers
+    job = httpx.get(f"{url}/api/jobs").json()["items"][0]
+    assert [layer["prompt"] for layer in job["request"]["collage"]["layers"]] == ["red apple", "pizza"]
+    assert elsewhere == []

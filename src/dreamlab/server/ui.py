@@ -379,7 +379,7 @@ def build_ui(srv: Service) -> gr.Blocks:
                             headers=COLLAGE_COLUMNS, datatype=["str", "number", "number", "number", "number", "number"],
                             value=[["red apple", 0, side // 4, side // 2, side * 3 // 4, 0.25],
                                    ["pizza", side // 2, side // 4, side, side * 3 // 4, 0.25]],
-                            row_count=(2, "dynamic"), col_count=(6, "fixed"), interactive=True, elem_id="collage-table")
+                            row_count=(2, "dynamic"), column_count=(6, "fixed"), interactive=True, elem_id="collage-table")
                         collage_canvas = gr.Image(label="Layout", type="pil", interactive=False, height=240, elem_id="collage-canvas")
                 conditions = sorted(model.controlnets())
                 with gr.Group(elem_id="control"):
