@@ -28,7 +28,7 @@ from .core.guidance import dynamic_threshold
 from .core.noise import MAX_SEED, NoiseSource, stream_seed
 from .core.samplers import get_sampler, prior_std, takes_eta
 from .core.schedules import truncate
-from .core.types import Cond, DenoiseFn, ModelWrapper, StepCallback
+from .core.types import DenoiseFn, ModelWrapper, StepCallback
 from .errors import InvalidRequestError
 from .images import resize, to_pil
 from .manifest import AdapterRecord, Manifest, ModelRecord, StageRecord
