@@ -124,5 +124,8 @@ class ControlNetConfig:
     ckpt_every: int = 200
     snapshot_every: int = 250  # fp16 EMA ControlNets kept for the fidelity-vs-steps curve
     log_every: int = 20
+    # when --out has no checkpoint: a ControlNet folder (a snapshot, an export) to continue from, its step
+    # count and compute carried on (the fallback when the full checkpoints are lost)
+    init: str | None = None
     seed: int = 0
     device: str = "auto"

@@ -95,6 +95,16 @@ def train_controlnet(cfg: ControlNetConfig) -> Path:
         state = load_training_state(last, opt, ema)
         step, spent = state["step"], state.get("train_seconds", 0.0)
         print(f"resumed from {last} at step {step}")
+    elif cfg.init:
+        from ..models.controlnet import load_controlnet
+
+        init, spec, _ = load_controlnet(Path(cfg.init).expanduser(), model.files)  # checked to fit this base
+        if spec.controlnet.condition != cfg.condition:
+            raise DreamlabError(f"--init {cfg.init} is a {spec.controlnet.condition} ControlNet, not {cfg.condition}")
+        net.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+        ema.__init__(net, ema.decay)
+        step, spent = int(spec.training.get("steps", 0)), float(spec.training.get("train_hours", 0.0)) * 3600
+        print(f"continuing from {cfg.init} at step {step}")
     adapter_model = model.denoiser()  # the base's adapter, schedule and prediction
     log = Log(out)
     log.rewind(step)
