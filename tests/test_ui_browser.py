@@ -104,7 +104,7 @@ def browser(tmp_path):
 def open_ui(page, url):
     page.goto(url)
     page.wait_for_selector("#generate")
-    page.wait_for_function("document.querySelector('#progress').textContent.includes('ready')")
+    page.wait_for_function("document.querySelector('#progress')?.textContent.includes('ready')")
 
 
 def set_number(page, elem_id, value):

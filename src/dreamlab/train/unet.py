@@ -377,6 +377,7 @@ def train_unet(cfg: UNetConfig) -> Path:
                 sample_grid(out / "model", out / f"samples-{step:07d}.png")
         t_mark = time.time()  # checkpoints and sample grids are not training compute
     bar.close()
+    d.barrier()  # rank 0 may still be drawing the last sample grid: leave the process group together
     shutdown_distributed()
     return out / "model"
 
