@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import Tensor
 from safetensors.torch import load_file, save_file
 
 from .control.attention import Chain, CrossAttentionStore, attention_patch
@@ -24,6 +25,7 @@ from .control.null_text import StepUncondCFG, null_text_inversion
 from .control.prompt2prompt import EDIT, SOURCE, LocalBlend, PromptToPrompt
 from .control.tokens import cross_mapper, tokens, word_positions
 from .core.guiders import CFG, guide
+from .core.guiders import _strip
 from .core.inversion import ddim_invert
 from .core.noise import NoiseSource, stream_seed
 from .core.samplers import get_sampler, prior_std
@@ -161,7 +163,7 @@ def _edit_one(model: ModelBundle, req: GenerationRequest, width: int, height: in
     if spec.auto_mask:
         return _diffedit(model, req, sigmas, known, cond_src, cond_tgt, uncond, seed, shape, progress)
     if known is not None:
-        x_top, unconds = invert(model, req, known, sigmas, _streams(model.encode_prompts([req.prompt]), SOURCE), uncond)
+        x_top, unconds = invert(model, req, known, sigmas, cond_src, uncond)
         x = torch.cat([x_top, x_top])
     else:
         x = noise.initial() * prior_std(float(sigmas[0]))
@@ -215,10 +217,6 @@ def _diffedit(model, req, sigmas, known, cond_src, cond_tgt, uncond, seed, shape
     return {"source": known, "edit": state, "mask": mask[0, 0].cpu(), "pixel_mask": mask}
 
 
-def _strip(cond: Cond) -> Cond:
-    return replace(cond, roles=None)
-
-
 def run_edit(model: ModelBundle, req: GenerationRequest, width: int, height: int, on_step, seeds: list[int]):
     """Result of an edit request: the edited images; the sources and masks beside them."""
     from .generate import Result, _records
@@ -266,14 +264,9 @@ def run_edit(model: ModelBundle, req: GenerationRequest, width: int, height: int
 
 def _sheet(model: ModelBundle, req: GenerationRequest, image: Image.Image, maps: Tensor | None) -> Image.Image | None:
     """The labelled attention maps of the edited image over the target prompt's tokens."""
-    from .control.daam import AttentionMaps, draw
+    from .control.daam import AttentionMaps, draw, token_maps
 
     if maps is None:
         return None
     toks = tokens(model.text_encoder, req.edit.target)
-    m = torch.nn.functional.interpolate(maps[:1, : len(toks)], size=image.size[::-1], mode="bicubic", align_corners=False)[0]
-    lo, hi = m.amin(dim=(1, 2), keepdim=True), m.amax(dim=(1, 2), keepdim=True)
-    return draw(AttentionMaps(image, toks.text, (m - lo) / (hi - lo).clamp_min(1e-12), {}))
-
-
-Tensor = torch.Tensor
+    return draw(AttentionMaps(image, toks.text, token_maps(maps, len(toks), image.size), {}))

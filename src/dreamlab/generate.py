@@ -359,8 +359,8 @@ def _generate(model: ModelBundle, req: GenerationRequest, width: int, height: in
         stages=[StageRecord(stage=name, width=st.width, height=st.height, sigmas=[float(s) for s in st.sigmas],
                             noise_level=st.noise_level)
                 for name, st in zip(("base", "super_resolution"), stages)] if len(stages) > 1 else None,
-        adapters=[AdapterRecord(kind="controlnet", name=c.condition, source=str(model.controlnet(c.condition)[1]),
-                                files=model.controlnet(c.condition)[2]) for c in req.controls] or None,
+        adapters=[AdapterRecord(kind="controlnet", name=c.condition, source=str(folder), files=files)
+                  for c in req.controls for _, folder, files in [model.controlnet(c.condition)]] or None,
     )
     return Result(images=to_pil(images), manifests=[r.dump() for r in records], latents=state,
                   pixels=images.clamp(-1, 1), records=records, notes=notes)

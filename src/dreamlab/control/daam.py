@@ -41,11 +41,15 @@ def attention_maps(model, request) -> AttentionMaps:
     if maps is None:
         raise InvalidRequestError("the model has no cross-attention to draw")
     image = result.images[0]
-    maps = maps[:1, : len(toks)]  # the conditional row of the last guided forward's layout
-    maps = torch.nn.functional.interpolate(maps, size=image.size[::-1], mode="bicubic", align_corners=False)[0]
-    lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
-    maps = (maps - lo) / (hi - lo).clamp_min(1e-12)  # min-max: the maps of a small model have a high floor
-    return AttentionMaps(image, toks.text, maps, result.manifests[0])
+    return AttentionMaps(image, toks.text, token_maps(maps, len(toks), image.size), result.manifests[0])
+
+
+def token_maps(maps: torch.Tensor, n: int, size: tuple[int, int]) -> torch.Tensor:
+    """A store's (rows, K, h, w) maps -> the first row's n token maps at the image's (width, height),
+    each min-max normalised (the maps of a small model have a high floor)."""
+    m = torch.nn.functional.interpolate(maps[:1, :n], size=size[::-1], mode="bicubic", align_corners=False)[0]
+    lo, hi = m.amin(dim=(1, 2), keepdim=True), m.amax(dim=(1, 2), keepdim=True)
+    return (m - lo) / (hi - lo).clamp_min(1e-12)
 
 
 def draw(result: AttentionMaps, scale: int = 3, skip_special: bool = True) -> Image.Image:
