@@ -22,6 +22,7 @@ def _output_paths(out: Path, n: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace, model=None) -> int:
     import torch
 
+    from .adapters_cli import lora_fields, register_adapters
     from .compose_cli import composition_fields
     from .generate import INPUTS, encode_image, generate, make_request
     from .loading.model import load_model
@@ -46,6 +47,7 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
         **{i.field: encode_image(path) for i in INPUTS if (path := getattr(args, i.dest, None))},
     }
     fields["controls"] = _controls(args)
+    fields["loras"] = lora_fields(args)
     fields.update(composition_fields(args))
     request = make_request(**{k: v for k, v in fields.items() if v is not None})
     if args.threads:
@@ -53,6 +55,7 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
     model = model or load_model(args.model, device=args.device, allow_pickle=args.allow_pickle, prediction=args.prediction)
     for folder in getattr(args, "controlnet", None) or []:
         model.use_controlnet(folder)
+    register_adapters(args, model)
 
     progress = None
     if not args.quiet:
@@ -262,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--control-end", type=float, action="append", help="share of the steps after which it stops (0..1)")
     g.add_argument("--preprocess", action="store_true", help="compute the control maps from pictures (Canny edges, silhouette)")
     g.add_argument("--controlnet", action="append", metavar="DIR", help="use this ControlNet folder (repeatable)")
+    from .adapters_cli import add_adapter_options
+
+    add_adapter_options(g)
     from .compose_cli import add_generate_options
 
     add_generate_options(g)
@@ -357,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(tc, ControlNetConfig, required=("data", "out"))
     tc.add_argument("--threads", type=int)
     tc.set_defaults(func=cmd_train_controlnet)
+
+    from .adapters_cli import add_cli as add_adapters_cli
+    from .adapters_cli import add_train_cli as add_adapter_train_cli
+
+    add_adapter_train_cli(tsub, add_dataclass_args, _train)
+    add_adapters_cli(sub)
 
     tj = tsub.add_parser("judge", help="the emoji classifier used by `dreamlab eval`")
     add_dataclass_args(tj, JudgeConfig, required=("data", "out"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .adapters_cli import add_adapter_options, lora_fields, register_adapters
 from .errors import DreamlabError
 
 
@@ -61,13 +62,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder; default: the installed default model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int)
+    add_adapter_options(p)
 
 
 def _request(args: argparse.Namespace, **fields):
     from .generate import make_request
 
     base = {"negative_prompt": args.negative, "seed": args.seed, "steps": args.steps, "sampler": args.sampler,
-            "schedule": args.schedule, "cfg_scale": args.cfg}
+            "schedule": args.schedule, "cfg_scale": args.cfg, "loras": lora_fields(args)}
     return make_request(**{k: v for k, v in {**base, **fields}.items() if v is not None})
 
 
@@ -78,7 +80,9 @@ def _model(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device)
+    register_adapters(args, model)
+    return model
 
 
 def read_layout(path: str | Path):

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .adapters_cli import add_adapter_options, lora_fields, register_adapters
 from .errors import DreamlabError
 
 
@@ -31,11 +32,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int)
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
+    add_adapter_options(p)
 
 
 def _fields(args: argparse.Namespace) -> dict:
     fields = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed, "steps": args.steps,
-              "sampler": args.sampler, "schedule": args.schedule, "cfg_scale": args.cfg}
+              "sampler": args.sampler, "schedule": args.schedule, "cfg_scale": args.cfg, "loras": lora_fields(args)}
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -46,7 +48,9 @@ def _load(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    model = load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    register_adapters(args, model)
+    return model
 
 
 def cmd_edit(args: argparse.Namespace) -> int:

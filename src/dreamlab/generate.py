@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .adapters.provider import adapter_patches
 from .control.concat import LowResInput
 from .control.controlnet import control_inputs
 from .compose.plan import Plan
@@ -71,7 +72,7 @@ class Result:
 # Patches a request asks for (LoRA, embeddings, attention control) come from providers registered here:
 # each maps (model, request) to the patches it needs. generate() applies them to the request's view.
 PatchProvider = Callable[[ModelBundle, GenerationRequest], Sequence[Patch]]
-PATCH_PROVIDERS: list[PatchProvider] = []
+PATCH_PROVIDERS: list[PatchProvider] = [adapter_patches]
 
 
 class StageInput(Protocol):
@@ -302,10 +303,12 @@ def _records(model: ModelBundle, req: GenerationRequest, seeds: list[int], width
              **more: Any) -> list[Manifest]:
     """The manifest of each image of a request (seed fixed, batch of one each)."""
     rec = recorded(req.model_dump())  # input images hashed once for the whole batch
+    adapters = [*model.applied_adapters, *(more.pop("adapters", None) or [])]  # LoRAs, embeddings; ControlNets
     common = dict(
         dreamlab_version=__version__, torch_version=torch.__version__, platform=platform.machine(),
         model=ModelRecord(name=model.name, source=model.source, files=model.files, prediction=model.prediction.value),
-        sampler=req.sampler, sigmas=[float(s) for s in sigmas], width=width, height=height, **more,
+        sampler=req.sampler, sigmas=[float(s) for s in sigmas], width=width, height=height,
+        adapters=adapters or None, **more,
     )
     return [Manifest(**common, seed=s, batch_index=i, request={**rec, "seed": s, "batch": 1}) for i, s in enumerate(seeds)]
 

@@ -32,13 +32,14 @@ class StageRecord(BaseModel):
 
 
 class AdapterRecord(BaseModel):
-    """A network or file applied on top of the model: a ControlNet (later LoRAs, embeddings)."""
+    """A network or file applied on top of the model: a ControlNet, a LoRA, a textual-inversion embedding."""
 
     model_config = ConfigDict(extra="allow")
-    kind: str  # "controlnet"
-    name: str  # its condition, or its name
+    kind: str  # "controlnet", "lora", "embedding"
+    name: str  # its condition, its name, or its token
     source: str = ""  # the folder or file it was loaded from
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
+    scale: float | None = None  # a LoRA's
 
 
 class Manifest(BaseModel):

@@ -158,6 +158,11 @@ def replay(
     for adapter in manifest.adapters or []:  # ControlNets given by folder: the same folders again
         if adapter.kind == "controlnet" and adapter.source and Path(adapter.source).is_dir():
             model.use_controlnet(adapter.source)
+    from .adapters.provider import register_from_manifest
+
+    model.adapters.allow_pickle = allow_pickle
+    for line in register_from_manifest(model, manifest.adapters):  # LoRAs and embeddings: the same files again
+        log(line)
     model_diff = diff_model_files(manifest.model.files, model.files)
     if model_diff:
         log(f"the model in {model.source} differs from the one that made this image:")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .core.noise import MAX_SEED
 from .core.samplers import get_sampler
@@ -80,6 +80,36 @@ class ControlRequest(BaseModel):
 
         get_condition(v)  # raises UnknownNameError listing the known ones
         return v
+
+
+MAX_LORAS = 8
+_LORA_TAG = re.compile(r"<lora:(?P<name>[^:<>]*)(?::(?P<scale>[^:<>]*))?>")
+
+
+class LoraRequest(BaseModel):
+    """A LoRA by name (installed, or registered with --lora PATH) at a scale; 0 = the base model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[\w.+-]{1,100}$", description="its folder or file name, as `dreamlab adapters` lists it")
+    scale: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """A1111's prompt syntax: "a cat <lora:my-style:0.8>" -> ("a cat", [{"name": "my-style", "scale": 0.8}])."""
+    found = []
+    for m in _LORA_TAG.finditer(prompt):
+        scale = m["scale"].strip() if m["scale"] is not None else "1"
+        try:
+            value = float(scale)
+        except ValueError:
+            raise InvalidRequestError(f"{m[0]}: the scale {scale!r} is not a number") from None
+        if not m["name"].strip():
+            raise InvalidRequestError(f"{m[0]}: the LoRA has no name")
+        found.append({"name": m["name"].strip(), "scale": value})
+    if not found:
+        return prompt, []
+    return re.sub(r"\s{2,}", " ", _LORA_TAG.sub("", prompt)).strip().strip(",").strip(), found
 
 
 MAX_EDIT_WORDS = 8
@@ -203,6 +233,27 @@ class GenerationRequest(BaseModel):
     illusion: IllusionSpec | None = None
     ilvr: ILVRSpec | None = None
     collage: CollageSpec | None = Field(None, description="a scene from ordered RGBA layers (docs/composition.md)")
+    loras: list[LoraRequest] = Field(default_factory=list, max_length=MAX_LORAS,
+                                     description="LoRAs merged into the model for this request (also <lora:NAME:SCALE> in the prompt)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_tags(cls, data: Any) -> Any:
+        """<lora:NAME:SCALE> in the prompt or negative prompt moves into ``loras`` (a tag overrides a listed
+        LoRA of the same name)."""
+        if not isinstance(data, dict):
+            return data
+        tagged: list[dict[str, Any]] = []
+        for key in ("prompt", "negative_prompt"):
+            if isinstance(data.get(key), str) and "<lora:" in data[key]:
+                data = {**data}
+                data[key], found = lora_tags(data[key])
+                tagged += found
+        if tagged:
+            names = {t["name"] for t in tagged}
+            listed = [x for x in (data.get("loras") or []) if not (isinstance(x, dict) and x.get("name") in names)]
+            data["loras"] = [*listed, *tagged]
+        return data
 
     @field_validator("sampler")
     @classmethod

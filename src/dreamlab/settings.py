@@ -129,3 +129,55 @@ class ControlNetConfig:
     init: str | None = None
     seed: int = 0
     device: str = "auto"
+
+
+# --- personalization (docs/personalization.md) -------------------------------------------------------
+
+
+@dataclass
+class EmbeddingConfig:
+    """Textual inversion (Gal et al. 2022): a new token's input embedding learned on a few images."""
+
+    images: str  # folder of 3-10 images (captions from IMAGE.txt beside each, or captions.json)
+    token: str  # the new word, e.g. "<my-cat>" (must not be in the text encoder's vocabulary)
+    out: str  # folder: learned_embeds.safetensors, dreamlab_embedding.json, samples.png, log
+    init_word: str = "emoji"  # the embedding starts as this word's (the mean of its word pieces)
+    kind: str = "object"  # object | style: which prompt templates the images are trained under
+    vectors: int = 1  # embedding vectors the token stands for
+    base: str | None = None  # the model (default: the shipped default model)
+    steps: int = 400
+    batch_size: int = 4
+    lr: float = 5e-3
+    min_snr_gamma: float | None = 5.0
+    flip: bool = False  # random horizontal flips (off: emoji are not mirror-symmetric)
+    log_every: int = 10
+    samples: bool = True  # a sample grid after training
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class LoraTrainConfig:
+    """LoRA (Hu et al. 2021) through peft on the UNet's attention; with a class prompt, DreamBooth (Ruiz et
+    al. 2022): a rare identifier in the instance prompt plus prior preservation on class images the model
+    generates itself."""
+
+    images: str  # folder of 3-10 images (captions from IMAGE.txt beside each, or captions.json)
+    instance: str  # the instance prompt, e.g. "a sks cat face"; {caption} is replaced by each image's caption
+    out: str  # folder: pytorch_lora_weights.safetensors (diffusers/peft), lora.safetensors (kohya), samples.png
+    class_prompt: str | None = None  # DreamBooth prior preservation, e.g. "a cat face" (--class)
+    class_images: int = 24  # generated once by the base model, kept in OUT/class_images
+    prior_weight: float = 1.0  # lambda of the prior-preservation term
+    rank: int = 8
+    alpha: float | None = None  # LoRA alpha (default: the rank, so the scale is 1)
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # module names peft adapts (attention)
+    base: str | None = None  # the model (default: the shipped default model)
+    steps: int = 400
+    batch_size: int = 4
+    lr: float = 1e-3
+    min_snr_gamma: float | None = 5.0
+    flip: bool = False
+    log_every: int = 10
+    samples: bool = True
+    seed: int = 0
+    device: str = "auto"

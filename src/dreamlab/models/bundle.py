@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..core.prediction import Denoiser, Prediction
 from ..core.schedules import DiscreteSchedule
 from ..core.types import Cond, ModelWrapper
+from ..adapters.library import AdapterSet
 from .space import Space
 from .text import TextEncoder
 from .unet import UNetModelFn
@@ -64,6 +65,8 @@ class ModelBundle:
     inputs: tuple[ModelInput, ...] = ()  # extra inputs it takes beside the prompt
     pass_call: bool = False  # attention processors of this view want each ModelCall (set by a patch)
     controlnet_dirs: dict[str, Path] = field(default_factory=dict)  # condition -> folder, given explicitly
+    adapters: AdapterSet = field(default_factory=AdapterSet)  # LoRAs and embeddings it can use (shared by views)
+    applied_adapters: list = field(default_factory=list)  # a view's: AdapterRecords of what its patches applied
     _controlnets: dict[str, tuple] = field(default_factory=dict, repr=False)  # loaded ones, shared by the views
 
     @property
@@ -119,12 +122,16 @@ class ModelBundle:
     def clone(self) -> "ModelBundle":
         """A view of this model for one request: it shares the networks (no weights are copied); patches
         change the view's fields or, undoably, the shared networks (see :mod:`dreamlab.models.patches`)."""
-        return copy.copy(self)
+        view = copy.copy(self)
+        view.applied_adapters = list(self.applied_adapters)
+        return view
 
-    def encode_prompts(self, prompts: list[str]) -> Cond | None:
+    def encode_prompts(self, prompts: list[str], *, grad: bool = False) -> Cond | None:
+        """The prompts' conditioning on this model's device; ``grad``: with autograd through the encoder
+        (textual inversion and Imagic optimise its inputs)."""
         if self.text_encoder is None:
             return None
-        cond = self.text_encoder.encode(prompts)
+        cond = self.text_encoder.encode_with_grad(prompts) if grad else self.text_encoder.encode(prompts)
         return Cond(
             tokens=cond.tokens.to(self.device) if cond.tokens is not None else None,
             mask=cond.mask.to(self.device) if cond.mask is not None else None,

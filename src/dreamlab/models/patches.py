@@ -118,26 +118,31 @@ class CallProcessor:
 
 @dataclass(frozen=True)
 class WeightDelta:
-    """W <- W + scale * delta for named UNet parameters (a merged LoRA: delta = up @ down * alpha / rank).
-    Undone by restoring a copy of the original tensors, so the weights come back bit for bit."""
+    """W <- W + scale * delta for named parameters of the UNet (or, ``target="text_encoder"``, of the text
+    encoder): a merged LoRA, delta = up @ down * alpha / rank. Undone by restoring a copy of the original
+    tensors, so the weights come back bit for bit; at scale 0 nothing is touched."""
 
     deltas: Mapping[str, Tensor]
     scale: float = 1.0
+    target: str = "unet"
 
     def apply(self, view: ModelBundle) -> Undo:
-        params = dict(view.unet.named_parameters())
+        from ..adapters.lora import target_module
+
+        params = dict(target_module(view, self.target).named_parameters())
         missing = [name for name in self.deltas if name not in params]
         if missing:
-            raise InvalidRequestError(f"the patch names a parameter the UNet does not have: {missing[0]}")
+            raise InvalidRequestError(f"the patch names a parameter the {self.target} does not have: {missing[0]}")
         saved: dict[str, Tensor] = {}
+        if self.scale == 0.0:  # the base model, untouched
+            return lambda: None
         with torch.no_grad():
             for name, delta in self.deltas.items():
                 p = params[name]
                 if delta.shape != p.shape:
-                    raise InvalidRequestError(f"the patch for {name} has shape {tuple(delta.shape)}, the UNet's is {tuple(p.shape)}")
+                    raise InvalidRequestError(f"the patch for {name} has shape {tuple(delta.shape)}, the {self.target}'s is {tuple(p.shape)}")
                 saved[name] = p.detach().clone()
-                if self.scale != 0.0:
-                    p.add_(delta.to(p.device, p.dtype), alpha=self.scale)
+                p.add_(delta.to(p.device, p.dtype), alpha=self.scale)
 
         def undo() -> None:
             with torch.no_grad():
@@ -150,38 +155,85 @@ class WeightDelta:
 # --- text encoder tokens -----------------------------------------------------------------------------
 
 
+class TokenTable(torch.nn.Module):
+    """An input embedding table with rows for new token ids ``first .. first + n - 1`` (the ids a tokenizer
+    gives tokens added to it): those ids read ``rows``, every other id reads ``base`` unchanged (so prompts
+    without the new tokens embed bit for bit as before). The new ids may lie inside the base table, which is
+    often larger than its tokenizer's vocabulary. ``rows`` may be a trainable Parameter (textual inversion).
+    Tables nest: a second table's base is the first."""
+
+    def __init__(self, base: torch.nn.Module, first: int, rows: Tensor):
+        super().__init__()
+        self.base, self.first = base, int(first)
+        self.rows = rows if isinstance(rows, torch.nn.Parameter) else torch.nn.Parameter(rows, requires_grad=False)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.rows.shape[-1])
+
+    def forward(self, ids: Tensor) -> Tensor:
+        pos = ids - self.first
+        new = (pos >= 0) & (pos < self.rows.shape[0])
+        out = self.base(torch.where(new, torch.zeros_like(ids), ids))
+        if not bool(new.any()):
+            return out
+        return torch.where(new.unsqueeze(-1), self.rows[pos.clamp(0, self.rows.shape[0] - 1)].to(out.dtype), out)
+
+
+def add_tokens(encoder, vectors: Mapping[str, Tensor], rows: Tensor | None = None):
+    """A copy of ``encoder`` (sharing its model) whose tokenizer knows the new tokens, and the TokenTable
+    that embeds them over the model's current table (``rows``: the vectors as given, e.g. a Parameter).
+    A token of n vectors is written as one word and expanded to ``<t> <t>_1 ... <t>_{n-1}``."""
+    tokenizer = copy.deepcopy(encoder.tokenizer)
+    vocab = tokenizer.get_vocab()
+    names: list[str] = []
+    expand = dict(getattr(encoder, "expansions", {}))
+    for token, v in vectors.items():
+        if token in vocab or token.lower() in vocab:
+            raise InvalidRequestError(f"token {token!r} already exists in the text encoder's vocabulary; choose another")
+        n = v.reshape(-1, v.shape[-1]).shape[0]
+        parts = [token] + [f"{token}_{i}" for i in range(1, n)]
+        names += parts
+        if n > 1:
+            expand[token] = " ".join(parts)
+    first = len(tokenizer)
+    tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if ids != list(range(first, first + len(names))):
+        raise InvalidRequestError("the tokenizer did not give the new tokens consecutive ids")
+    old = encoder.model.get_input_embeddings()
+    if rows is None:
+        rows = torch.cat([v.reshape(-1, v.shape[-1]) for v in vectors.values()])
+    dim = old.weight.shape[1] if hasattr(old, "weight") else old.embedding_dim
+    if rows.shape[-1] != dim:
+        raise InvalidRequestError(f"the embeddings are {rows.shape[-1]}-d; this text encoder's are {dim}-d")
+    device = next(old.parameters()).device
+    table = TokenTable(old, first, rows if isinstance(rows, torch.nn.Parameter) else rows.to(device))
+    view = copy.copy(encoder)
+    view.tokenizer = tokenizer
+    view.expansions = expand
+    return view, table
+
+
 @dataclass(frozen=True)
 class TokenEmbeddings:
     """New tokens with their input embeddings (textual inversion, Gal et al. 2022) for one request.
 
-    The view gets its own copy of the tokenizer with the tokens added; the shared encoder's input
-    embedding module is swapped for one with the new rows appended (the old rows are the same tensor
-    values, so prompts without the new tokens encode exactly as before) and swapped back afterwards."""
+    ``vectors`` maps a token to its (D,) embedding, or to (n, D) for a token learned as n vectors (see
+    :func:`add_tokens`). The view gets its own copy of the tokenizer with the tokens added; the shared
+    encoder's input embedding module is wrapped in a :class:`TokenTable` (other ids embed exactly as
+    before) and unwrapped afterwards."""
 
-    vectors: Mapping[str, Tensor]  # token -> (D,) embedding
+    vectors: Mapping[str, Tensor]  # token -> (D,) or (n, D)
 
     def apply(self, view: ModelBundle) -> Undo:
         encoder = view.text_encoder
         if encoder is None or not hasattr(encoder, "tokenizer"):
             raise InvalidRequestError("new token embeddings need a model with a transformers text encoder")
-        tokenizer = copy.deepcopy(encoder.tokenizer)
-        vocab = tokenizer.get_vocab()
-        for token in self.vectors:
-            if token in vocab or token.lower() in vocab:
-                raise InvalidRequestError(f"token {token!r} already exists in the text encoder's vocabulary; choose another")
-        tokenizer.add_tokens(list(self.vectors))
         model = encoder.model
         old = model.get_input_embeddings()
-        rows = torch.stack([v.to(old.weight.dtype) for v in self.vectors.values()]).to(old.weight.device)
-        if rows.shape[-1] != old.weight.shape[1]:
-            raise InvalidRequestError(f"the embeddings are {rows.shape[-1]}-d; this text encoder's are {old.weight.shape[1]}-d")
-        new = torch.nn.Embedding(old.num_embeddings + rows.shape[0], old.embedding_dim, padding_idx=old.padding_idx)
-        with torch.no_grad():
-            new.weight.copy_(torch.cat([old.weight, rows]))
-        new.requires_grad_(False).to(old.weight.device)
-        model.set_input_embeddings(new)
-        view.text_encoder = copy.copy(encoder)
-        view.text_encoder.tokenizer = tokenizer
+        view.text_encoder, table = add_tokens(encoder, self.vectors)
+        model.set_input_embeddings(table)
 
         def undo() -> None:
             model.set_input_embeddings(old)

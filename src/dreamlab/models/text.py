@@ -41,11 +41,21 @@ class TransformersTextEncoder:
         self.pooling = pooling
         self.dim = int(model.config.hidden_size)
         self.device = torch.device(device)
+        self.expansions: dict[str, str] = {}  # a multi-vector token -> its tokens (textual inversion)
+
+    def expand(self, prompt: str) -> str:
+        for token, tokens in self.expansions.items():
+            prompt = prompt.replace(token, tokens)
+        return prompt
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
+        return self.encode_with_grad(prompts)
+
+    def encode_with_grad(self, prompts: list[str]) -> Cond:
+        """``encode`` with autograd on: what textual inversion and Imagic optimise through."""
         batch = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            [self.expand(p) for p in prompts], padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
