@@ -139,3 +139,70 @@ def add_train_cli(tsub: argparse._SubParsersAction, add_dataclass_args, train) -
     tl.add_argument("--class", dest="class_prompt", help="DreamBooth's class prompt, e.g. 'a cat face' (= --class-prompt)")
     tl.add_argument("--threads", type=int)
     tl.set_defaults(func=train("LoRA", ".train.lora", "LoraTrainConfig", "train_lora"))
+
+
+# --- dreamlab imagic ---------------------------------------------------------------------------------
+
+
+def cmd_imagic(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import generate, make_request
+    from .imagic import ImagicSettings, prepare
+    from .images import labelled_grid
+    from .loading.model import load_model
+    from .metadata import save_png
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        data = Path(args.image).expanduser().read_bytes()
+    except OSError as e:
+        raise DreamlabError(f"cannot read {args.image}: {e.strerror or e}") from None
+    model = load_model(args.model, device=args.device)
+    settings = ImagicSettings(embed_steps=args.embed_steps, tune_steps=args.tune_steps, rank=args.rank, seed=args.train_seed)
+    from tqdm import tqdm
+
+    bar = tqdm(total=settings.embed_steps + settings.tune_steps, desc="imagic: embedding, then fine-tuning", leave=False)
+    folder = prepare(model, data, args.target, settings, on_progress=lambda i, n: bar.update(i - bar.n))
+    bar.close()
+    name = model.adapters.register(folder, "imagic")
+    etas = args.eta or [0.7]
+    out = Path(args.output)
+    images, labels = [], []
+    for eta in etas:
+        req = make_request(prompt=args.target, seed=args.seed, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
+                           imagic={"name": name, "eta": eta}, **({"negative_prompt": args.negative} if args.negative else {}))
+        res = generate(model, req)
+        path = out if len(etas) == 1 else out.with_name(f"{out.stem}-eta{eta:g}{out.suffix or '.png'}")
+        save_png(res.images[0], path, res.manifests[0])
+        print(f"{path}  eta {eta:g}  seed {res.records[0].seed}")
+        images.append(res.images[0])
+        labels.append(f"eta {eta:g}")
+    if len(etas) > 1:
+        grid = out.with_name(f"{out.stem}-grid.png")
+        labelled_grid(images, labels, cols=len(etas)).save(grid)
+        print(f"{grid}  (the sweep)")
+    print(f"prepared edit cached in {folder}")
+    return 0
+
+
+def add_imagic_cli(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("imagic", help="edit a picture by text: embedding optimisation + LoRA fine-tuning (Imagic)")
+    i.add_argument("image")
+    i.add_argument("target", help='the edit as a prompt, e.g. "a winking face"')
+    i.add_argument("--eta", type=float, action="append", help="interpolation toward the text (repeat to sweep; default 0.7)")
+    i.add_argument("-o", "--output", default="imagic.png")
+    i.add_argument("-n", "--negative")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--steps", type=int)
+    i.add_argument("--sampler")
+    i.add_argument("--cfg", type=float)
+    i.add_argument("--embed-steps", type=int, default=100, help="step 1: optimiser steps on the text embedding")
+    i.add_argument("--tune-steps", type=int, default=200, help="step 2: LoRA fine-tuning steps")
+    i.add_argument("--rank", type=int, default=8)
+    i.add_argument("--train-seed", type=int, default=0)
+    i.add_argument("--model", help="model folder; default: the installed default model")
+    i.add_argument("--device", default="cpu")
+    i.add_argument("--threads", type=int)
+    i.set_defaults(func=cmd_imagic)

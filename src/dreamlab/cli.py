@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_adapter_train_cli(tsub, add_dataclass_args, _train)
     add_adapters_cli(sub)
+    from .adapters_cli import add_imagic_cli
+
+    add_imagic_cli(sub)
 
     tj = tsub.add_parser("judge", help="the emoji classifier used by `dreamlab eval`")
     add_dataclass_args(tj, JudgeConfig, required=("data", "out"))

@@ -19,6 +19,7 @@ from PIL import Image
 
 from . import __version__
 from .adapters.provider import adapter_patches
+from .imagic import imagic_patches
 from .control.concat import LowResInput
 from .control.controlnet import control_inputs
 from .compose.plan import Plan
@@ -72,7 +73,7 @@ class Result:
 # Patches a request asks for (LoRA, embeddings, attention control) come from providers registered here:
 # each maps (model, request) to the patches it needs. generate() applies them to the request's view.
 PatchProvider = Callable[[ModelBundle, GenerationRequest], Sequence[Patch]]
-PATCH_PROVIDERS: list[PatchProvider] = [adapter_patches]
+PATCH_PROVIDERS: list[PatchProvider] = [adapter_patches, imagic_patches]
 
 
 class StageInput(Protocol):

@@ -95,6 +95,15 @@ class LoraRequest(BaseModel):
     scale: float = Field(1.0, ge=-4.0, le=4.0)
 
 
+class ImagicRequest(BaseModel):
+    """Imagic (docs/personalization.md): sample a prepared edit of an image at an interpolation eta."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[\w.+-]{1,100}$", description="the prepared edit (its cache folder's name)")
+    eta: float = Field(0.7, ge=0.0, le=2.0, description="0: the image; 1: the target text")
+
+
 def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
     """A1111's prompt syntax: "a cat <lora:my-style:0.8>" -> ("a cat", [{"name": "my-style", "scale": 0.8}])."""
     found = []
@@ -233,6 +242,7 @@ class GenerationRequest(BaseModel):
     illusion: IllusionSpec | None = None
     ilvr: ILVRSpec | None = None
     collage: CollageSpec | None = Field(None, description="a scene from ordered RGBA layers (docs/composition.md)")
+    imagic: ImagicRequest | None = Field(None, description="an Imagic edit prepared by `dreamlab imagic`")
     loras: list[LoraRequest] = Field(default_factory=list, max_length=MAX_LORAS,
                                      description="LoRAs merged into the model for this request (also <lora:NAME:SCALE> in the prompt)")
 

@@ -52,7 +52,8 @@ class AdapterSet:
     """A model's adapters: those registered by path, then the library's; each file read once (per mtime).
     Shared by the model's request views (it holds files, never a request's state)."""
 
-    registered: dict[str, dict[str, Path]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    # kind -> name -> path; "imagic": folders prepared by `dreamlab imagic` (registered only, no library)
+    registered: dict[str, dict[str, Path]] = field(default_factory=lambda: {k: {} for k in (*KINDS, "imagic")})
     root: Path | None = None  # the library (None: library_dir() at lookup)
     allow_pickle: bool = False
     _cache: dict[tuple[str, int], Any] = field(default_factory=dict, repr=False)
@@ -64,6 +65,8 @@ class AdapterSet:
             from .lora import read_lora
 
             self._read(p, lambda: read_lora(p, allow_pickle=self.allow_pickle))
+            name = adapter_name(p)
+        elif kind == "imagic":
             name = adapter_name(p)
         else:
             name = self.embedding(p).token

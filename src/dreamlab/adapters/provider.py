@@ -77,6 +77,9 @@ def register_from_manifest(model, adapters: list[Any] | None) -> list[str]:
     """Register the files a manifest's adapters came from (replay); what differs or is missing, in lines."""
     lines = []
     for a in adapters or []:
+        if a.kind == "imagic" and a.source and Path(a.source).is_dir():
+            model.adapters.register(a.source, "imagic")
+            continue
         if a.kind not in ("lora", "embedding"):
             continue
         path = Path(a.source) if a.source else None

@@ -59,8 +59,24 @@ def peft_to_lora(state: dict[str, torch.Tensor], alpha: float) -> LoraWeights:
     return LoraWeights({"unet": layers})
 
 
-def train_lora(cfg: LoraTrainConfig) -> Path:
+def peft_view(model, rank: int, alpha: float, targets) -> tuple:
+    """A view of ``model`` whose UNet is a copy with peft's LoRA layers on ``targets`` (the model itself stays
+    the base), and the LoRA parameters to train."""
+    import copy
+
     from peft import LoraConfig
+
+    view = model.clone()
+    view.unet = unet = copy.deepcopy(model.unet)
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"))
+    except ValueError as e:
+        raise DreamlabError(f"--targets {','.join(targets)}: {str(e).splitlines()[0]}") from None
+    return view, [p for p in unet.parameters() if p.requires_grad]
+
+
+def train_lora(cfg: LoraTrainConfig) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     if not 1 <= cfg.rank <= 256:
@@ -74,23 +90,13 @@ def train_lora(cfg: LoraTrainConfig) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed)
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
 
-    import copy
-
-    view = model.clone()  # the adapted copy trains; the model itself stays the base (samples, callers)
-    view.unet = unet = copy.deepcopy(model.unet)
-    unet.requires_grad_(False)
-    try:
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, target_modules=list(cfg.targets),
-                                    init_lora_weights="gaussian"))
-    except ValueError as e:
-        raise DreamlabError(f"--targets {','.join(cfg.targets)}: {str(e).splitlines()[0]}") from None
-    params = [p for p in unet.parameters() if p.requires_grad]
+    view, params = peft_view(model, cfg.rank, alpha, cfg.targets)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     denoiser = view.denoiser()
     dev = model.device
     prompts_of = lambda s, idx: [cfg.instance.replace("{caption}", s.captions[int(i)]) for i in idx]  # noqa: E731
     loop = Loop(out, cfg.steps, f"lora {Path(cfg.out).name}", cfg.log_every)
-    unet.train()
+    view.unet.train()
     T = model.schedule.num_train_timesteps
     for step in range(1, cfg.steps + 1):
         idx, x0, t, noise = batch_noise(shots, cfg.batch_size, T, gen, cfg.flip)
@@ -108,10 +114,10 @@ def train_lora(cfg: LoraTrainConfig) -> Path:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         loop.step(step, loss=loss.item(), **metrics)
-    unet.eval()
+    view.unet.eval()
     seconds = loop.close(("loss", "instance", "prior") if prior is not None else ("loss",))
-    lora = peft_to_lora(get_peft_model_state_dict(unet), alpha)
-    del view, unet
+    lora = peft_to_lora(get_peft_model_state_dict(view.unet), alpha)
+    del view
     lora.meta = {"instance": cfg.instance, "class_prompt": cfg.class_prompt, "class_images": cfg.class_images if prior else 0,
                  "prior_weight": cfg.prior_weight, "rank": cfg.rank, "alpha": alpha, "targets": list(cfg.targets),
                  "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "train_seconds": round(seconds, 1),
