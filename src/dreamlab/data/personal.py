@@ -53,8 +53,8 @@ PACKAGES: Final[dict[Source, NpmPackage]] = {
         "MIT",
         "Fluent Emoji flat art (Microsoft): SVG bodies on a 32x32 viewBox in icons.json, code points in chars.json",
     ),
-    # The upstream package itself (4.3 MB: colour and black SVGs, no PNGs), not @iconify-json/openmoji (a
-    # repackaging that lags it): the art straight from its authors, with their data/openmoji.json and LICENSE.
+    # The authors' own package (4.3 MB: colour and black SVGs, no PNGs) rather than @iconify-json/openmoji, a
+    # repackaging under icon names: the files as published, named by hexcode, beside their LICENSE.
     "openmoji": NpmPackage(
         "openmoji",
         "17.0.0",
