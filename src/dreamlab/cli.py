@@ -344,10 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_ship_cli(sub)
 
     from .data.emoji import add_cli as add_emoji_cli
+    from .data.personal import add_cli as add_personal_cli
     from .settings import ControlNetConfig, EvalConfig, JudgeConfig, UNetConfig, VAEConfig
 
     data = sub.add_parser("data", help="build training data").add_subparsers(dest="dataset", required=True)
     add_emoji_cli(data)
+    add_personal_cli(data)
 
     train = sub.add_parser("train", help="train models (resumes from the last checkpoint in --out)")
     tsub = train.add_subparsers(dest="model", required=True)

@@ -83,7 +83,8 @@ class NpmPackage:
 
     @property
     def tarball(self) -> str:
-        return f"{self.name}-{self.version}.tgz"
+        """The file ``npm pack`` writes: a scope's "@" dropped and its "/" made "-" (``@a/b`` -> ``a-b-1.0.0.tgz``)."""
+        return f"{self.name.removeprefix('@').replace('/', '-')}-{self.version}.tgz"
 
 
 ART_PACKAGES: Final[dict[Style, NpmPackage]] = {
@@ -205,7 +206,7 @@ def fetch_package(package: NpmPackage, cache_dir: Path) -> Path:
     return target
 
 
-def _read_tar(path: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
+def read_tar(path: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
     """The contents of the members of the tarball at ``path`` whose names pass ``wanted``.
 
     One sequential pass (stream mode): seeking back and forth in a gzip stream would decompress it again
@@ -215,8 +216,8 @@ def _read_tar(path: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar if m.isfile() and wanted(m.name)}  # type: ignore[union-attr]
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """A (64, 64, 4) uint8 straight-alpha RGBA array from PNG bytes; ``ValueError`` if it is not one.
+def decode_png(data: bytes, *, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A (size, size, 4) uint8 straight-alpha RGBA array from PNG bytes; ``ValueError`` if it is not one.
 
     Fully transparent pixels get colour 0: the PNGs hold arbitrary colour there (invisible, but a model
     trained on RGBA would spend capacity reproducing it).
@@ -224,8 +225,8 @@ def decode_png(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise ValueError(f"size {im.size[0]}x{im.size[1]}, not {IMAGE_SIZE}x{IMAGE_SIZE}")
+            if im.size != (size, size):
+                raise ValueError(f"size {im.size[0]}x{im.size[1]}, not {size}x{size}")
             rgba = np.array(im.convert("RGBA"))
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"unreadable PNG ({e})") from None
@@ -293,7 +294,7 @@ def _build(
     labels_tar = fetch_package(LABELS_PACKAGE, cache_dir)
     art_tars = {style: fetch_package(ART_PACKAGES[style], cache_dir) for style in chosen}
 
-    emojibase = json.loads(_read_tar(labels_tar, lambda n: n == "package/en/data.json")["package/en/data.json"])
+    emojibase = json.loads(read_tar(labels_tar, lambda n: n == "package/en/data.json")["package/en/data.json"])
     images: list[np.ndarray] = []
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -301,7 +302,7 @@ def _build(
     unlabeled: set[str] = set()
     for style in chosen:
         prefix = f"package/img/{style}/{IMAGE_SIZE}/"
-        members = _read_tar(art_tars[style], lambda n, prefix=prefix: n.startswith(prefix) or n == "package/emoji.json")
+        members = read_tar(art_tars[style], lambda n, prefix=prefix: n.startswith(prefix) or n == "package/emoji.json")
         entries, missing_labels = emoji_catalog(json.loads(members["package/emoji.json"]), emojibase)
         unlabeled.update(missing_labels)
         if subset is not None:
