@@ -310,8 +310,9 @@ def test_edit_by_prompt_and_a_collage_in_the_browser(live, browser):
     page.wait_for_function("document.querySelectorAll('#results .grid-container .thumbnail-item img').length === 3")
 
     page.get_by_role("tab", name="Collage").click()
-    page.wait_for_selector("#collage-canvas img")  # the default layout, drawn
+    page.wait_for_selector("#collage-editor .dl-layer")  # the default layout, drawn
     assert generate(page) == "done: 4 images, seed 5, 5, 5, 5"  # the scene, the collage, its two layers
     job = httpx.get(f"{url}/api/jobs").json()["items"][0]
     assert [layer["prompt"] for layer in job["request"]["collage"]["layers"]] == ["red apple", "pizza"]
     assert elsewhere == []
+
