@@ -18,7 +18,8 @@ from dreamlab.errors import DreamlabError, InvalidRequestError
 from dreamlab.loading.model import load_model
 from dreamlab.models.tiny import make_tiny_model
 from dreamlab.server.app import create_app
-from dreamlab.server.ui import build_request, editor_inputs
+from dreamlab.server.ui import build_request, editor_inputs, png_b64
+from dreamlab.server.ui_collage import EditorState, default_layout, layout_text
 
 FORM = dict(mode="txt2img", prompt="red apple", negative_prompt="", sampler="euler", schedule="karras", steps=6,
             cfg_scale=5, seed=3, batch=2, width=16, height=16)
@@ -99,10 +100,9 @@ def tiny(tmp_path_factory):
     return load_model(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
 
 
-# the form's edit and control inputs, left empty (edit target, picture, blend words, reweight, auto mask,
-# control image, condition, scale, preprocess)
-NO_EXTRAS = ["", None, "", "", False, None, None, 1.0, False,
-             {"headers": ["prompt", "x0", "y0", "x1", "y1", "strength"], "data": [["", 0, 0, 0, 0, 0.25]]}]
+# the form's edit, control and collage inputs, left empty (edit target, picture, blend words, reweight, auto mask,
+# control image, condition, scale, preprocess, collage layout, collage editor)
+NO_EXTRAS = ["", None, "", "", False, None, None, 1.0, False, '{"layers": []}', None]
 
 
 def call(client, data):
@@ -203,14 +203,37 @@ def test_a_super_resolution_model_gets_an_upscale_tab_that_enlarges_an_upload(tm
         assert job["request"]["noise_level"] == 20 and job["request"]["width"] is None
 
 
-def test_the_collage_table_becomes_a_layout():
-    from dreamlab.server.ui import collage_layers, collage_preview
+def test_the_collage_layout_and_the_editors_uploads_become_the_request():
+    star = png_b64(rgba((8, 8)))
+    state = EditorState(16, 16, {"star.png": star}).dumps()
+    spec = {"layers": [{"prompt": "red apple", "box": [0, 4, 8, 12], "strength": 0.3},
+                       {"prompt": "a star", "box": [8, 4, 16, 12], "image": "star.png", "seed": 7}], "harmonize": 0.5}
+    text = layout_text(spec)
+    assert json.loads(text) == spec and text.splitlines()[1:3] == [  # one layer a line, as the editor writes it
+        '  {"prompt": "red apple", "box": [0, 4, 8, 12], "strength": 0.3},',
+        '  {"prompt": "a star", "box": [8, 4, 16, 12], "image": "star.png", "seed": 7}']
+    req = build_request(**{**FORM, "mode": "collage", "batch": 1}, collage_layout=text, collage_state=state)
+    (apple, star_layer), collage = req.collage.layers, req.collage
+    assert (apple.prompt, apple.box, apple.strength, apple.image) == ("red apple", (0, 4, 8, 12), 0.3, None)
+    assert (star_layer.image, star_layer.seed, star_layer.strength, collage.harmonize) == (star, 7, 0.25, 0.5)
+    assert json.loads(layout_text(default_layout(16)))["layers"][1]["box"] == [8, 4, 16, 12]
+    assert EditorState.loads(state) == EditorState(16, 16, {"star.png": star})
 
-    rows = [["red apple", 0, 4, 8, 12, 0.3], ["", 0, 0, 0, 0, 0.25], ["pizza", 8, 4, 16, 12, None]]
-    assert collage_layers(rows) == [{"prompt": "red apple", "box": [0, 4, 8, 12], "strength": 0.3},
-                                    {"prompt": "pizza", "box": [8, 4, 16, 12], "strength": 0.25}]
-    req = build_request(**{**FORM, "mode": "collage"}, collage_rows=rows)
-    assert [layer.prompt for layer in req.collage.layers] == ["red apple", "pizza"]
-    assert collage_preview(rows, 16, 16).size == (256, 256)
-    with pytest.raises(InvalidRequestError, match="collage: add at least one layer"):
-        collage_layers([["", 0, 0, 0, 0, 0]])
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ('{"layers": [', r"^collage layout: Expecting value \(line 1, column 13\)$"),
+        ("[]", r'^collage layout: write \{"layers": '),
+        ('{"layers": []}', r"^collage\.layers: List should have at least 1 item"),
+        ('{"layers": [{"prompt": "x", "box": [8, 0, 4, 4]}]}', r"^collage\.layers\.0\.box: a box is x0, y0, x1, y1 with x0 < x1"),
+        ('{"layers": [{"prompt": "x", "box": [0, 0, 4, 4]}, {"prompt": "y", "box": [0, 0, 4]}]}', r"^collage\.layers\.1\.box"),
+        ('{"layers": [{"prompt": "x", "box": [0, 0, 4, 4], "strenght": 1}]}', r"^collage\.layers\.0\.strenght: Extra inputs"),
+        ('{"layers": [{"prompt": "x", "box": [0, 0, 4, 4], "image": "moon.png"}]}',
+         r"^collage\.layers\.0\.image: 'moon\.png' is not an image uploaded in the editor$"),
+    ],
+)
+def test_a_bad_collage_layout_gets_one_line_naming_the_layer(text, needle):
+    with pytest.raises(InvalidRequestError, match=needle) as e:
+        build_request(**{**FORM, "mode": "collage"}, collage_layout=text, collage_state=EditorState(16, 16).dumps())
+    assert "\n" not in str(e.value)

@@ -1,7 +1,7 @@
 """The Gradio web UI end to end in headless Chromium (Debian's /usr/bin/chromium driven by Playwright): type a
 prompt, generate, watch the progress bar and previews, see the images in the results and the gallery,
 search, show an image's parameters and delete it; inpaint by painting on the ImageEditor; image to image
-from an uploaded file. The page must ask nothing of any host but the server. Skipped only when Chromium
+from an uploaded file; place a collage's layers with the mouse. The page must ask nothing of any host but the server. Skipped only when Chromium
 is absent outside CI (CI fails instead)."""
 
 import hashlib
@@ -310,8 +310,106 @@ def test_edit_by_prompt_and_a_collage_in_the_browser(live, browser):
     page.wait_for_function("document.querySelectorAll('#results .grid-container .thumbnail-item img').length === 3")
 
     page.get_by_role("tab", name="Collage").click()
-    page.wait_for_selector("#collage-canvas img")  # the default layout, drawn
+    page.wait_for_selector("#collage-editor .dl-layer")  # the default layout, drawn
     assert generate(page) == "done: 4 images, seed 5, 5, 5, 5"  # the scene, the collage, its two layers
     job = httpx.get(f"{url}/api/jobs").json()["items"][0]
     assert [layer["prompt"] for layer in job["request"]["collage"]["layers"]] == ["red apple", "pizza"]
+    assert elsewhere == []
+
+
+def layer_boxes(page, scale):
+    """The collage editor's layers as drawn, in layout pixels: (x0, y0, x1, y1) from their boxes on screen."""
+    canvas = page.locator("#collage-editor .dl-canvas").bounding_box()
+    out = []
+    for box in page.locator("#collage-editor .dl-layer").evaluate_all("ds => ds.map(d => d.getBoundingClientRect().toJSON())"):
+        x0, y0 = (box["x"] - canvas["x"]) / scale, (box["y"] - canvas["y"]) / scale
+        out.append(tuple(round(v) for v in (x0, y0, x0 + box["width"] / scale, y0 + box["height"] / scale)))
+    return out
+
+
+def drag(page, x, y, dx, dy):
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dx, y + dy, steps=6)
+    page.mouse.up()
+
+
+def test_the_collage_editor_places_layers_with_the_mouse(live, browser, tmp_path):
+    """Delete the default layers, add two, move one and resize both by dragging, type their prompts,
+    reorder them, give one an uploaded RGBA image, edit a box as text; the job gets the boxes dragged (to
+    a pixel) and the images come back."""
+    import json
+
+    import httpx
+
+    url, _ = live
+    page, elsewhere = browser
+    star = np.zeros((8, 8, 4), dtype=np.uint8)
+    star[2:6, 2:6] = (255, 200, 0, 255)  # opaque in the middle, transparent around it
+    star_path = tmp_path / "star.png"
+    Image.fromarray(star, "RGBA").save(star_path)
+
+    open_ui(page, url)
+    page.locator("#prompt textarea").fill("a picnic")
+    set_number(page, "steps", 3)
+    page.locator("#seed input").fill("5")
+    set_number(page, "width", 64)
+    set_number(page, "height", 48)
+    page.get_by_role("tab", name="Collage").click()
+    status = "#collage-editor .dl-status"
+    page.wait_for_function(f"document.querySelector('{status}')?.textContent.startsWith('64 × 48 px, shown at 6×')")
+    text = lambda: page.input_value("#collage-layout textarea")  # noqa: E731
+    layers = lambda: json.loads(text())["layers"]  # noqa: E731
+
+    canvas = page.locator("#collage-editor .dl-canvas").bounding_box()
+    s = canvas["width"] / 64
+    assert (s, canvas["height"] / 48) == (6, 6)  # a small canvas is shown enlarged, at a scale it says
+
+    def at(x, y):  # a layout pixel on screen
+        return canvas["x"] + x * s, canvas["y"] + y * s
+
+    page.locator("#collage-editor .dl-layer").first.click()
+    page.click("#collage-editor [data-act=delete]")
+    page.click("#collage-editor [data-act=delete]")
+    assert text() == '{"layers": []}' and page.locator("#collage-editor .dl-layer").count() == 0
+
+    page.click("#collage-editor [data-act=add]")  # half the canvas, at its corner; its prompt field focused
+    page.keyboard.type("red apple")
+    page.click("#collage-editor [data-act=add]")  # the next one cascaded by an eighth of the canvas
+    page.locator("#collage-editor .dl-panel [name=prompt]").fill("pizza")
+    assert layers() == [{"prompt": "red apple", "box": [0, 0, 32, 24], "strength": 0.25},
+                        {"prompt": "pizza", "box": [8, 6, 40, 30], "strength": 0.25}]
+
+    drag(page, *at(24, 18), 20 * s, 14 * s)  # pizza (on top) moved by (20, 14)
+    assert layers()[1]["box"] == [28, 20, 60, 44]
+    drag(page, *at(60, 44), -6 * s, 2 * s)  # its bottom-right corner
+    assert layers()[1]["box"] == [28, 20, 54, 46]
+    page.mouse.click(*at(10, 10))  # the apple, where the pizza does not cover it
+    drag(page, *at(0, 0), 4 * s, 2 * s)  # its top-left corner
+    assert layers()[0]["box"] == [4, 2, 32, 24]
+    page.locator("#collage-editor .dl-panel [name=strength]").fill("0.4")
+
+    page.click("#collage-editor [data-act=up]")  # the apple above the pizza
+    page.locator("#collage-editor input.dl-file").set_input_files(str(star_path))
+    page.wait_for_selector("#collage-editor .dl-layer img")
+    # the image fills its box, so the box takes its proportions, inside the box it had (28 x 22 -> 22 x 22)
+    assert layers() == [{"prompt": "pizza", "box": [28, 20, 54, 46], "strength": 0.25},
+                        {"prompt": "red apple", "box": [4, 2, 26, 24], "strength": 0.4, "image": "star.png"}]
+
+    # typing in the layout redraws the canvas: the pizza's box as text
+    page.locator("#collage-layout textarea").fill(text().replace("[28, 20, 54, 46]", "[30, 20, 56, 46]"))
+    page.wait_for_function("document.querySelector('#collage-editor .dl-layer')?.style.left === '180px'")
+    assert layer_boxes(page, s) == [(30, 20, 56, 46), (4, 2, 26, 24)]
+    page.locator("#collage-editor").screenshot(path=str(tmp_path / "collage-editor.png"))
+
+    assert generate(page) == "done: 4 images, seed 5, 5, 5, 5"  # the scene, the collage, its two layers
+    page.wait_for_function("document.querySelectorAll('#results .grid-container .thumbnail-item img').length === 4")
+    job = httpx.get(f"{url}/api/jobs").json()["items"][0]
+    sent = job["request"]["collage"]["layers"]
+    assert [(layer["prompt"], layer["box"], layer["strength"]) for layer in sent] == [
+        ("pizza", [30, 20, 56, 46], 0.25), ("red apple", [4, 2, 26, 24], 0.4)]
+    assert sent[1]["image"] == "sha256:" + hashlib.sha256(star_path.read_bytes()).hexdigest()  # the file as uploaded
+    assert (job["request"]["width"], job["request"]["height"]) == (64, 48)
+    scene = Image.open(io.BytesIO(httpx.get(url + job["images"][0]["url"]).content))
+    assert scene.size == (64, 48)
     assert elsewhere == []

@@ -32,6 +32,7 @@ from ..errors import DreamlabError, InvalidRequestError
 from ..generate import GenerationRequest, format_validation_error, sr_factor
 from .queue import ImageRecord, QueueFullError, QueueUnavailableError
 from .service import JobFinishedError, Service
+from .ui_collage import RESIZE_JS, collage_editor, collage_spec
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio: no telemetry, no version check
 os.environ.setdefault("GRADIO_SSR_MODE", "False")  # no Node.js server
@@ -112,7 +113,8 @@ def build_request(
     control_condition: str | None = None,
     control_scale: float = 1.0,
     control_preprocess: bool = False,
-    collage_rows: Any = None,
+    collage_layout: str = "",
+    collage_state: str | None = None,
 ) -> GenerationRequest:
     """The form's values -> a validated GenerationRequest (the schema's checks; the server's come at submit).
     Seed blank or negative: random. img2img and upscale send the uploaded file's bytes as they are; upscale
@@ -153,7 +155,7 @@ def build_request(
             fields["init_image"] = base64.b64encode(Path(edit_image_path).read_bytes()).decode("ascii")
             fields["sampler"] = "ddim"
     elif mode == "collage":
-        fields["collage"] = {"layers": collage_layers(collage_rows)}
+        fields["collage"] = collage_spec(collage_layout, collage_state)
     elif mode != "txt2img":
         raise InvalidRequestError(f"unknown mode {mode!r}")
     if control_path and mode in ("txt2img", "img2img", "inpaint"):
@@ -165,47 +167,6 @@ def build_request(
         return GenerationRequest.model_validate(fields)
     except ValidationError as e:
         raise InvalidRequestError(format_validation_error(e)) from None
-
-
-COLLAGE_COLUMNS = ["prompt", "x0", "y0", "x1", "y1", "strength"]
-
-
-def collage_layers(rows: Any) -> list[dict[str, Any]]:
-    """The collage table (bottom layer first) -> layout layers; blank rows are skipped."""
-    values = rows.values.tolist() if hasattr(rows, "values") else list(rows or [])
-    layers = []
-    for k, row in enumerate(values):
-        if not row or not str(row[0] or "").strip():
-            continue
-        try:
-            x0, y0, x1, y1 = (int(float(v)) for v in row[1:5])
-            strength = float(row[5]) if len(row) > 5 and row[5] not in (None, "") else 0.25
-        except (TypeError, ValueError):
-            raise InvalidRequestError(f"collage: row {k + 1} needs numbers for x0, y0, x1, y1 and strength") from None
-        layers.append({"prompt": str(row[0]), "box": [x0, y0, x1, y1], "strength": strength})
-    if not layers:
-        raise InvalidRequestError("collage: add at least one layer (a prompt and its box)")
-    return layers
-
-
-def collage_preview(rows: Any, width: float, height: float) -> Image.Image:
-    """The layout drawn: each layer's box and prompt on the canvas, bottom first."""
-    from PIL import ImageDraw
-
-    w, h = int(width), int(height)
-    scale = max(1, 256 // max(w, h))
-    im = Image.new("RGB", (w * scale, h * scale), "white")
-    d = ImageDraw.Draw(im)
-    try:
-        layers = collage_layers(rows)
-    except InvalidRequestError:
-        return im
-    colors = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
-    for k, layer in enumerate(layers):
-        x0, y0, x1, y1 = (v * scale for v in layer["box"])
-        d.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colors[k % len(colors)], width=2)
-        d.text((x0 + 3, y0 + 2), f"{k + 1}. {layer['prompt'][:24]}", fill=colors[k % len(colors)])
-    return im
 
 
 def _pairs(text: str) -> dict[str, float]:
@@ -245,6 +206,7 @@ def build_ui(srv: Service) -> gr.Blocks:
     f = model.space.factor
     side_max = max(f, limits.max_side - limits.max_side % f)
     side_min = -(-max(8, f) // f) * f  # the smallest multiple of f that is at least 8
+    default_side = min(max(model.sample_size, side_min), side_max)
     brush_size = max(1, model.sample_size // 16)  # radius in image pixels ("auto" is huge on small images)
 
     def gallery_items(query: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -260,13 +222,15 @@ def build_ui(srv: Service) -> gr.Blocks:
     async def run(mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
                   init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level,
                   edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
-                  control_path, control_condition, control_scale, control_preprocess, collage_rows) -> AsyncIterator[tuple]:
+                  control_path, control_condition, control_scale, control_preprocess, collage_layout,
+                  collage_state) -> AsyncIterator[tuple]:
         """Submit like POST /api/jobs, then follow the job: (progress, preview, results, job id)."""
         try:
             req = build_request(mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
                                 init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level,
                                 edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
-                                control_path, control_condition, control_scale, control_preprocess, collage_rows)
+                                control_path, control_condition, control_scale, control_preprocess, collage_layout,
+                                collage_state)
             job = await asyncio.to_thread(srv.submit, req)
         except (DreamlabError, QueueFullError, QueueUnavailableError) as e:
             raise gr.Error(str(e), print_exception=False) from None
@@ -372,15 +336,10 @@ def build_ui(srv: Service) -> gr.Blocks:
                         edit_auto_mask = gr.Checkbox(label="Automatic mask (DiffEdit), then inpaint", elem_id="edit-auto-mask")
                         gr.Markdown("Results: the edit, the source, and the edit's attention maps per token.")
                     with gr.Tab("Collage", id="collage", elem_id="tab-collage", visible=not is_sr) as tab_collage:
-                        gr.Markdown("Layers, bottom first: a prompt and a box (pixels) each; the prompt above is the "
-                                    "scene's. Results: the harmonised scene, the layers restacked, each layer (RGBA).")
-                        side = model.sample_size
-                        collage_rows = gr.Dataframe(
-                            headers=COLLAGE_COLUMNS, datatype=["str", "number", "number", "number", "number", "number"],
-                            value=[["red apple", 0, side // 4, side // 2, side * 3 // 4, 0.25],
-                                   ["pizza", side // 2, side // 4, side, side * 3 // 4, 0.25]],
-                            row_count=(2, "dynamic"), column_count=(6, "fixed"), interactive=True, elem_id="collage-table")
-                        collage_canvas = gr.Image(label="Layout", type="pil", interactive=False, height=240, elem_id="collage-canvas")
+                        gr.Markdown("Layers, bottom first: a prompt and a box each (drag to move, a corner to resize), "
+                                    "optionally an image; the prompt above is the scene's. Results: the harmonised scene, "
+                                    "the layers restacked, each layer (RGBA).")
+                        collage_state, collage_layout = collage_editor(model.sample_size, default_side, default_side)
                 conditions = sorted(model.controlnets())
                 with gr.Group(elem_id="control"):
                     control_path = gr.Image(label="Control image (ControlNet)" if conditions else "Control image (no ControlNet installed)",
@@ -402,7 +361,6 @@ def build_ui(srv: Service) -> gr.Blocks:
                     seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (blank or -1: random)", elem_id="seed")
                     batch = gr.Slider(1, limits.max_batch, value=1, step=1, label="Batch", elem_id="batch")
                 with gr.Row():
-                    default_side = min(max(model.sample_size, side_min), side_max)
                     width = gr.Slider(side_min, side_max, value=default_side, step=f, label="Width", elem_id="width")
                     height = gr.Slider(side_min, side_max, value=default_side, step=f, label="Height", elem_id="height")
             with gr.Column(scale=2):
@@ -430,10 +388,11 @@ def build_ui(srv: Service) -> gr.Blocks:
         inputs = [mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
                   init, img2img_strength, editor, inpaint_strength, lowres, noise_level,
                   edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
-                  control_path, control_condition, control_scale, control_preprocess, collage_rows]
-        for trigger in (collage_rows.change, width.change, height.change, demo.load):
-            trigger(collage_preview, [collage_rows, width, height], collage_canvas, show_progress="hidden",
-                    api_visibility="private")
+                  control_path, control_condition, control_scale, control_preprocess, collage_layout,
+                  collage_state]
+        for size in (width, height):
+            size.change(None, [collage_state, width, height], collage_state, js=RESIZE_JS, show_progress="hidden",
+                        api_visibility="private")
         gen = generate.click(run, inputs, [progress, preview, results, job_id], show_progress="hidden",
                              concurrency_limit=None, api_name="generate")
         gen.then(refresh, search, [gallery, gallery_ids, selected], show_progress="hidden", api_visibility="private")
