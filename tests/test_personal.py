@@ -231,3 +231,69 @@ def test_replay_finds_the_adapters_again(model, tmp_path, tiny_dir):
     save_png(res.images[0], tmp_path / "a.png", res.manifests[0])
     out = replay(tmp_path / "a.png", tmp_path / "b.png")
     assert out.identical
+
+
+# --- Imagic ------------------------------------------------------------------------------------------
+
+
+def test_imagic_prepares_once_and_interpolates(model, tmp_path):
+    import io
+
+    from dreamlab.imagic import ImagicSettings, prepare
+
+    buf = io.BytesIO()
+    generate(model, _req()).images[0].save(buf, format="PNG")
+    settings = ImagicSettings(embed_steps=3, tune_steps=3, rank=2, batch_size=2)
+    folder = prepare(model, buf.getvalue(), "a red apple", settings, cache=tmp_path / "cache")
+    stamp = (folder / "imagic.json").stat().st_mtime_ns
+    assert prepare(model, buf.getvalue(), "a red apple", settings, cache=tmp_path / "cache") == folder
+    assert (folder / "imagic.json").stat().st_mtime_ns == stamp  # cached: not trained again
+    name = model.adapters.register(folder, "imagic")
+    try:
+        def at(eta):
+            return generate(model, make_request(prompt="a red apple", seed=1, steps=4, imagic={"name": name, "eta": eta}))
+
+        a, b = at(0.0), at(1.0)
+        assert not torch.equal(a.pixels, b.pixels)
+        assert a.records[0].adapters[0].kind == "imagic" and a.records[0].adapters[0].scale == 0.0
+        plain = generate(model, make_request(prompt="a red apple", seed=1, steps=4)).pixels
+        assert not torch.equal(b.pixels, plain)  # the LoRA is in
+        with pytest.raises(DreamlabError, match="was prepared for the prompt"):
+            generate(model, make_request(prompt="a cat", seed=1, steps=4, imagic={"name": name, "eta": 0.5}))
+    finally:
+        model.adapters.registered["imagic"].clear()
+    with pytest.raises(DreamlabError, match="no prepared Imagic edit"):
+        generate(model, make_request(prompt="a red apple", seed=1, steps=4, imagic={"name": name, "eta": 0.5}))
+
+
+# --- serving -----------------------------------------------------------------------------------------
+
+
+def test_server_lists_installed_adapters_and_refuses_unknown_loras(tiny_dir, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from dreamlab.server.app import create_app
+
+    lib = tmp_path / "lib"
+    monkeypatch.setenv("DREAMLAB_ADAPTERS", str(lib))
+    m = load_model(tiny_dir)
+    save_lora(_lora_for(m), lib / "loras" / "style-x")
+    save_embedding(Embedding("<tok>", torch.randn(16)), lib / "embeddings" / "tok")
+    with TestClient(create_app(m, tmp_path / "data", ui=False)) as client:
+        assert client.get("/api/adapters").json() == {"loras": ["style-x"], "embeddings": ["<tok>"]}
+        assert client.get("/sdapi/v1/loras").json()[0]["name"] == "style-x"
+        assert client.get("/sdapi/v1/embeddings").json()["loaded"]["<tok>"]["vectors"] == 1
+        r = client.post("/api/jobs", json={"prompt": "red apple <lora:nope:1>", "steps": 2})
+        assert r.status_code == 422 and "no LoRA named 'nope'" in r.json()["detail"]
+        r = client.post("/api/jobs", json={"prompt": "red apple", "steps": 2, "loras": [{"name": "../loras", "scale": 1}]})
+        assert r.status_code == 422
+        r = client.post("/api/jobs", json={"prompt": "red apple <lora:style-x:0.5>", "steps": 2, "seed": 0})
+        assert r.status_code in (200, 201, 202), r.text
+
+
+def test_ui_picker_writes_the_a1111_syntax():
+    from dreamlab.server.ui_adapters import add_lora, add_token
+
+    assert add_lora("red apple", "style-x", 0.8) == "red apple <lora:style-x:0.8>"
+    assert add_lora("red apple <lora:style-x:0.8>", "style-x", 1.0) == "red apple <lora:style-x:1>"
+    assert add_token("", "<tok>") == "<tok>" and add_token("a <tok>", "<tok>") == "a <tok>"

@@ -150,6 +150,7 @@ class EmbeddingConfig:
     lr: float = 5e-3
     min_snr_gamma: float | None = 5.0
     flip: bool = False  # random horizontal flips (off: emoji are not mirror-symmetric)
+    snapshot_every: int = 0  # also save the embedding every N steps (OUT/snapshots): quality against steps
     log_every: int = 10
     samples: bool = True  # a sample grid after training
     seed: int = 0
@@ -165,7 +166,7 @@ class LoraTrainConfig:
     images: str  # folder of 3-10 images (captions from IMAGE.txt beside each, or captions.json)
     instance: str  # the instance prompt, e.g. "a sks cat face"; {caption} is replaced by each image's caption
     out: str  # folder: pytorch_lora_weights.safetensors (diffusers/peft), lora.safetensors (kohya), samples.png
-    class_prompt: str | None = None  # DreamBooth prior preservation, e.g. "a cat face" (--class)
+    class_prompt: str | None = None  # DreamBooth prior preservation, e.g. "a cat face" (--class); {caption}: per image
     class_images: int = 24  # generated once by the base model, kept in OUT/class_images
     prior_weight: float = 1.0  # lambda of the prior-preservation term
     rank: int = 8
@@ -177,6 +178,7 @@ class LoraTrainConfig:
     lr: float = 1e-3
     min_snr_gamma: float | None = 5.0
     flip: bool = False
+    snapshot_every: int = 0  # also save the LoRA every N steps (OUT/snapshots)
     log_every: int = 10
     samples: bool = True
     seed: int = 0

@@ -163,6 +163,22 @@ def a1111_router(srv: Service) -> APIRouter:
         """The one model this server serves."""
         return [model_item]
 
+    @router.get("/loras", response_model=list[dict[str, Any]])
+    def loras() -> list[dict[str, Any]]:
+        """The installed LoRAs, for <lora:NAME:SCALE> in prompts (A1111's Lora extension's endpoint)."""
+        return [{"name": n, "alias": n, "path": n, "metadata": {}} for n in sorted(srv.model.adapters.known("lora"))]
+
+    @router.get("/embeddings", response_model=dict[str, Any])
+    def embeddings() -> dict[str, Any]:
+        """The installed textual-inversion embeddings, by token."""
+        adapters = srv.model.adapters
+        loaded = {}
+        for token, path in sorted(adapters.known("embedding").items()):
+            e = adapters.embedding(path)
+            loaded[token] = {"step": e.meta.get("steps"), "sd_checkpoint": None, "sd_checkpoint_name": e.meta.get("base_model"),
+                             "shape": int(e.vectors.shape[-1]), "vectors": int(e.vectors.shape[0])}
+        return {"loaded": loaded, "skipped": {}}
+
     @router.get("/samplers", response_model=list[SamplerItem])
     def samplers() -> list[SamplerItem]:
         """The A1111 samplers dreamlab implements; their aliases include dreamlab's names."""

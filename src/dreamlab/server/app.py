@@ -101,6 +101,12 @@ class Info(BaseModel):
     limits: dict[str, int]
     queue: dict[str, int]
     worker_alive: bool
+    adapters: dict[str, list[str]] = {}  # installed LoRA names and embedding tokens
+
+
+class AdapterList(BaseModel):
+    loras: list[str]  # names for <lora:NAME:SCALE> or the request's loras
+    embeddings: list[str]  # tokens to write in a prompt
 
 
 class Error(BaseModel):
@@ -359,7 +365,16 @@ def create_app(
             limits=asdict(srv.limits),
             queue=srv.store.counts(),
             worker_alive=srv.worker.alive,
+            adapters=adapter_list().model_dump(),
         )
+
+    @app.get("/api/adapters", response_model=AdapterList, tags=["server"])
+    def adapter_list() -> AdapterList:
+        """The LoRAs and textual-inversion embeddings this server's model can use (docs/personalization.md)."""
+        return AdapterList(loras=sorted(m_adapters().known("lora")), embeddings=sorted(m_adapters().known("embedding")))
+
+    def m_adapters():
+        return srv.model.adapters
 
     @app.get("/api/health", tags=["server"])
     def health() -> dict[str, str]:

@@ -90,6 +90,8 @@ def check_request(req: GenerationRequest, model: ModelBundle, limits: Limits) ->
     eta support, a mask without an init image, seed overflow); every problem in one line."""
     problems = []
     req = resolve(model, req)  # the model's defaults where the request leaves them unset
+    for lora in req.loras:  # named ones must be installed: a 422 now, not a failed job later
+        model.adapters.lora_path(lora.name)
     if req.steps > limits.max_steps:
         problems.append(f"steps: at most {limits.max_steps} on this server")
     if req.batch > limits.max_batch:

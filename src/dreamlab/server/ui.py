@@ -32,6 +32,7 @@ from ..errors import DreamlabError, InvalidRequestError
 from ..generate import GenerationRequest, format_validation_error, sr_factor
 from .queue import ImageRecord, QueueFullError, QueueUnavailableError
 from .service import JobFinishedError, Service
+from .ui_adapters import adapter_picker
 from .ui_collage import RESIZE_JS, collage_editor, collage_spec
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio: no telemetry, no version check
@@ -301,6 +302,7 @@ def build_ui(srv: Service) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", lines=2, max_length=limits.max_prompt_chars, elem_id="prompt",
                                     placeholder='red apple    (compose with AND: "grinning face AND twitter style :0.5")')
                 negative = gr.Textbox(label="Negative prompt", max_length=limits.max_prompt_chars, elem_id="negative")
+                adapter_picker(gr, model, prompt)
                 with gr.Tabs(elem_id="modes", selected="upscale" if is_sr else "txt2img"):
                     with gr.Tab("Upscale", id="upscale", elem_id="tab-upscale", visible=is_sr) as tab_up:
                         lowres = gr.Image(label="Image to enlarge", type="filepath", image_mode=None,

@@ -75,6 +75,8 @@ def train_embedding(cfg: EmbeddingConfig) -> Path:
             loss.backward()
             opt.step()
             loop.step(step, loss=loss.item(), norm=float(new.detach().norm(dim=-1).mean()))
+            if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.steps:
+                save_embedding(Embedding(cfg.token, new.detach().float().cpu(), {"steps": step}), out / "snapshots" / f"step-{step:05d}")
     finally:
         encoder.model.set_input_embeddings(table)
     seconds = loop.close(("loss", "norm"))

@@ -24,8 +24,10 @@ from .personal import Loop, Shots, base_model, batch_noise, load_shots, sample_g
 KOHYA_FILE = "lora.safetensors"
 
 
-def class_images(model, prompt: str, n: int, folder: Path, steps: int = 20) -> Shots:
-    """``n`` images of ``prompt`` from the base model (seeds 0..n-1), generated once and kept."""
+def class_images(model, prompt: str, n: int, folder: Path, steps: int = 20, captions: list[str] | None = None) -> Shots:
+    """``n`` images of ``prompt`` from the base model (seeds 0..n-1), generated once and kept; a prompt
+    with {caption} cycles through ``captions`` (a style's class: the same emoji drawn by the base model)."""
+    prompts = [prompt.replace("{caption}", c) for c in (captions or [""])] if "{caption}" in prompt else [prompt]
     from PIL import Image
 
     from ..generate import generate
@@ -33,21 +35,20 @@ def class_images(model, prompt: str, n: int, folder: Path, steps: int = 20) -> S
     from ..request import make_request
 
     folder.mkdir(parents=True, exist_ok=True)
-    recipe = {"prompt": prompt, "steps": steps, "model": model.files}
+    recipe = {"prompts": prompts, "steps": steps, "model": model.files}
     made = folder / "recipe.json"
     if not (made.is_file() and json.loads(made.read_text()) == recipe and len(list(folder.glob("*.png"))) >= n):
         for old in folder.glob("*.png"):
             old.unlink()
-        for i in range(0, n, 8):
-            res = generate(model, make_request(prompt=prompt, seed=i, batch=min(8, n - i), steps=steps))
-            for k, (im, m) in enumerate(zip(res.images, res.manifests)):
-                save_png(im, folder / f"class-{i + k:03d}.png", m)
+        for i in range(n):
+            res = generate(model, make_request(prompt=prompts[i % len(prompts)], seed=i, steps=steps))
+            save_png(res.images[0], folder / f"class-{i:03d}.png", res.manifests[0])
         made.write_text(json.dumps(recipe, sort_keys=True))
     files = sorted(folder.glob("*.png"))[:n]
     px = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGBA" if model.space.image_channels == 4 else "RGB"),
                                                   dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1 for f in files])
     lat = model.space.encode(px.to(model.device)).float()
-    return Shots(px, lat, [prompt] * len(files), {})
+    return Shots(px, lat, [prompts[i % len(prompts)] for i in range(len(files))], {})
 
 
 def peft_to_lora(state: dict[str, torch.Tensor], alpha: float) -> LoraWeights:
@@ -85,7 +86,8 @@ def train_lora(cfg: LoraTrainConfig) -> Path:
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     shots = load_shots(cfg.images, model)
-    prior = class_images(model, cfg.class_prompt, cfg.class_images, out / "class_images") if cfg.class_prompt else None
+    prior = (class_images(model, cfg.class_prompt, cfg.class_images, out / "class_images", captions=shots.captions)
+             if cfg.class_prompt else None)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
@@ -105,7 +107,7 @@ def train_lora(cfg: LoraTrainConfig) -> Path:
         metrics = {}
         if prior is not None:
             pidx, px0, pt, pnoise = batch_noise(prior, cfg.batch_size, T, gen, False)
-            pl = denoiser.loss(px0.to(dev), pnoise.to(dev), pt.to(dev), model.encode_prompts(prompts_of(prior, pidx)),
+            pl = denoiser.loss(px0.to(dev), pnoise.to(dev), pt.to(dev), model.encode_prompts([prior.captions[int(i)] for i in pidx]),
                                min_snr_gamma=cfg.min_snr_gamma)
             loss = inst + cfg.prior_weight * pl
             metrics = {"instance": inst.item(), "prior": pl.item()}
@@ -114,6 +116,9 @@ def train_lora(cfg: LoraTrainConfig) -> Path:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         loop.step(step, loss=loss.item(), **metrics)
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.steps:
+            save_lora(peft_to_lora(get_peft_model_state_dict(view.unet), alpha), out / "snapshots" / f"step-{step:05d}",
+                      {"steps": step})
     view.unet.eval()
     seconds = loop.close(("loss", "instance", "prior") if prior is not None else ("loss",))
     lora = peft_to_lora(get_peft_model_state_dict(view.unet), alpha)
