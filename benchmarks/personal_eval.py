@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--curve", default="", help="sets to score against training steps (snapshots)")
     ap.add_argument("--curve-steps", type=int, default=800)
+    ap.add_argument("--imagic", action="store_true", help="the Imagic eta grid on 6 held-out images instead")
     ap.add_argument("--threads", type=int)
     args = ap.parse_args()
     if args.threads:
@@ -178,6 +179,11 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     base_cache: dict = {}
     samples: dict = {}
+
+    if args.imagic:
+        results["imagic"] = imagic_grid(model, judge, labels, Path(args.out) / "imagic-grid.png")
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+        return
 
     if args.curve:
         curve = results.setdefault("curve", {})
@@ -212,6 +218,68 @@ def main() -> None:
     print(json.dumps(results["summary"], indent=1))
     if samples:
         _sheet(sets, samples, Path(args.out) / "personalization-grid.png")
+
+
+IMAGIC = [  # (source: a held-out emoji of the test split, or a Fluent image the model never saw; target)
+    ("crying face", "smiling face"), ("face with tears of joy", "winking face"), ("crying cat", "grinning cat"),
+    ("pear", "green apple"), ("rocket", "airplane"), ("fluent:grinning-face", "winking face"),
+]
+ETAS = (0.0, 0.6, 0.8, 1.0, 1.2)
+
+
+def _source(label: str) -> bytes:
+    import io
+
+    if label.startswith("fluent:"):
+        return (Path("~/.cache/dreamlab/data/personal/fluent-face").expanduser() / f"{label[7:]}.png").read_bytes()
+    from dreamlab.data.catalog import DEFAULT_DATA_DIR
+
+    root = Path(DEFAULT_DATA_DIR).expanduser()
+    rows = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
+    i = next(r["index"] for r in rows if r["label"] == label and r["split"] == "test" and r["style"] == "google")
+    buf = io.BytesIO()
+    Image.fromarray(np.load(root / "images.npy", mmap_mode="r")[i].copy(), "RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def imagic_grid(model, judge, labels, path: Path) -> dict:
+    """Imagic on 6 images: the source and each eta, the judge's top-5 for the target and the cosine to the
+    source at each eta, and the seconds of preparation (embedding + fine-tuning) and of each edit."""
+    import io
+
+    from dreamlab.generate import generate
+    from dreamlab.images import labelled_grid
+    from dreamlab.imagic import prepare
+    from dreamlab.request import make_request
+
+    images, names, out = [], [], {"etas": list(ETAS), "rows": []}
+    for source, target in IMAGIC:
+        data = _source(source)
+        src = Image.open(io.BytesIO(data))
+        t0 = time.time()
+        folder = prepare(model, data, target, cache=Path("~/.cache/dreamlab/runs/personal/imagic").expanduser())
+        prep = time.time() - t0
+        name = model.adapters.register(folder, "imagic")
+        row_imgs, t1 = [], time.time()
+        for eta in ETAS:
+            row_imgs += generate(model, make_request(prompt=target, seed=0, imagic={"name": name, "eta": eta})).images
+        per_edit = (time.time() - t1) / len(ETAS)
+        sf, _ = _features(judge, [src])
+        gf, logits = _features(judge, row_imgs)
+        top5 = logits.topk(5, dim=-1).indices
+        k = labels.get(target, -1)
+        out["rows"].append({"source": source, "target": target, "prepare_seconds": round(prep, 1),
+                            "edit_seconds": round(per_edit, 2),
+                            "target_top5": [bool(k in t.tolist()) for t in top5],
+                            "source_cosine": [round(float(c), 3) for c in (gf @ sf.T).squeeze(1)]})
+        print(json.dumps(out["rows"][-1]), flush=True)
+        images += [src, *row_imgs]
+        names += [f"{source.removeprefix('fluent:')} -> {target}"] + [f"eta {e:g}" for e in ETAS]
+    out["mean_target_top5"] = [float(np.mean([r["target_top5"][j] for r in out["rows"]])) for j in range(len(ETAS))]
+    out["mean_source_cosine"] = [float(np.mean([r["source_cosine"][j] for r in out["rows"]])) for j in range(len(ETAS))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid(images, names, cols=1 + len(ETAS)).save(path)
+    return out
 
 
 def summary(rows: dict, steps: int) -> dict:
