@@ -85,14 +85,88 @@ def test_bad_layouts_get_one_line(tiny_dir, tmp_path, capsys, change, message):
     assert message in err and err.count("\n") == 1
 
 
-def test_outpainting_keeps_the_known_region(tiny_dir, tmp_path):
+def _source(tmp_path):
     src = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA")
     src.save(tmp_path / "src.png")
+    return src
+
+
+def _outpaint(tiny, src, **spec):
+    return generate(tiny, make_request(prompt="red apple", seed=0, steps=3, init_image=encode_image(src), outpaint=spec))
+
+
+def test_outpainting_keeps_the_known_region(tiny_dir, tmp_path):
+    """The default blends a band of 4 pixels on the known side of each seam; the rest of the known
+    region is the source exactly, and with --blend 0 all of it is."""
+    src = np.asarray(_source(tmp_path)).astype(int)
     out = tmp_path / "out.png"
     assert main(["outpaint", str(tmp_path / "src.png"), "--left", "8", "--right", "8", "-p", "red apple",
                  "--model", str(tiny_dir), "--steps", "3", "--seed", "0", "-o", str(out)]) == 0
-    got = np.asarray(Image.open(out))
-    assert got.shape == (16, 32, 4) and np.array_equal(got[:, 8:24], np.asarray(src))
+    got = np.asarray(Image.open(out)).astype(int)
+    assert got.shape == (16, 32, 4) and np.array_equal(got[:, 8 + 4:24 - 4], src[:, 4:12])
+    # the band: changed, less the deeper it lies (weights 4/5 .. 1/5 of the decoded image)
+    depth = [float(np.abs(got[:, 8 + k] - src[:, k]).mean() + np.abs(got[:, 23 - k] - src[:, 15 - k]).mean()) for k in range(4)]
+    assert depth[0] > depth[3] > 0 and all(a >= b for a, b in zip(depth, depth[1:]))
+    assert main(["outpaint", str(tmp_path / "src.png"), "--top", "4", "--blend", "0", "--model", str(tiny_dir),
+                 "--steps", "3", "--seed", "0", "-o", str(out)]) == 0
+    got = np.asarray(Image.open(out)).astype(int)
+    assert got.shape == (20, 16, 4) and np.array_equal(got[4:], src)
+
+
+def test_the_blend_band_and_the_strength_ramp():
+    from dreamlab.compose.feather import feather_weight
+    from dreamlab.compose.outpaint import Canvas
+
+    geo = Canvas(8, 8, left=4, top=0, right=0, bottom=2)  # a 12 x 10 canvas
+    inside = torch.from_numpy(geo.inside().astype(np.float32))
+    w = feather_weight(inside, 2)
+    assert w.shape == (10, 12) and bool((w[:, :4] == 1).all()) and bool((w[8:] == 1).all())
+    assert w[3, 4:7].tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])  # 2 pixels from the left seam, then exact
+    assert w[6:8, 8].tolist() == pytest.approx([1 / 3, 2 / 3])  # and from the bottom one
+    assert float(w[:6, 6:].abs().max()) == 0.0  # the right and top sides were not extended: no band there
+    s = geo.strength(ramp=4, floor=0.2)[0, 0]
+    assert float(s[:8, 4:].abs().max()) == 0.0 and s[0, :4].tolist() == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    assert bool((geo.strength(ramp=0, floor=0.2)[0, 0][:, :4] == 1).all())  # no ramp: free at once
+
+
+def test_replacement_outpainting_is_inpainting_on_the_grown_canvas(tiny, tmp_path):
+    """fill transparent, ramp 0, blend 0: the outpainting of before (the image on a transparent canvas,
+    the new area as an inpainting mask, the known pixels pasted back), bit for bit."""
+    src = _source(tmp_path)
+    canvas = Image.new("RGBA", (32, 16), (0, 0, 0, 0))
+    canvas.paste(src, (8, 0))
+    mask = Image.new("L", (32, 16), 255)
+    mask.paste(0, (8, 0, 24, 16))
+    inpainted = generate(tiny, make_request(prompt="red apple", seed=0, steps=3, width=32, height=16, window=16, strength=1.0,
+                                            init_image=encode_image(canvas), mask_image=encode_image(mask)))
+    replaced = _outpaint(tiny, src, left=8, right=8, fill="transparent", ramp=0, blend=0)
+    assert torch.equal(replaced.pixels, inpainted.pixels)
+    assert not torch.equal(_outpaint(tiny, src, left=8, right=8).pixels, inpainted.pixels)
+
+
+@pytest.mark.parametrize("spec", [{"resample": 1}, {"harmonize": 0.5}, {"fill": "transparent", "ramp": 8, "min_strength": 0.0}])
+def test_every_seam_method_keeps_the_core_known_region(tiny, tmp_path, spec):
+    src = _source(tmp_path)
+    res = _outpaint(tiny, src, left=8, top=4, blend=2, **{"ramp": 4, **spec})  # a short ramp: every step is run
+    got = np.asarray(res.images[0])
+    assert got.shape == (20, 24, 4) and np.array_equal(got[4 + 2:, 8 + 2:], np.asarray(src)[2:, 2:])
+    assert not np.array_equal(got, np.asarray(_outpaint(tiny, src, left=8, top=4, blend=2, ramp=4).images[0]))
+
+
+def test_bad_outpainting_requests(tiny, tmp_path):
+    src = encode_image(_source(tmp_path))
+    with pytest.raises(InvalidRequestError, match="at least one of left, top, right, bottom"):
+        generate(tiny, make_request(prompt="a", init_image=src, outpaint={}))
+    with pytest.raises(InvalidRequestError, match="give the image to extend as init_image"):
+        generate(tiny, make_request(prompt="a", outpaint={"left": 8}))
+    with pytest.raises(InvalidRequestError, match="no mask_image"):
+        generate(tiny, make_request(prompt="a", init_image=src, mask_image=src, outpaint={"left": 8}))
+    with pytest.raises(InvalidRequestError, match="the canvas is 24x16"):
+        generate(tiny, make_request(prompt="a", init_image=src, width=32, outpaint={"left": 8}))
+    with pytest.raises(InvalidRequestError, match="size 19x16 is not divisible"):
+        generate(tiny, make_request(prompt="a", init_image=src, outpaint={"left": 3}))
+    with pytest.raises(InvalidRequestError, match="outpaint.resample"):
+        make_request(prompt="a", init_image=src, outpaint={"left": 8, "resample": 99})
 
 
 def _down(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -191,3 +191,42 @@ def test_a_server_made_inpainting_replays_from_the_inputs_the_server_kept(tiny, 
     rc = main(["replay", str(tmp_path / "made.png"), "--init-image", str(tmp_path / "init_image.png"),
                "--mask", str(tmp_path / "mask_image.png"), "-o", str(tmp_path / "again.png")])
     assert rc == 0 and "identical" in capsys.readouterr().out
+
+
+def test_an_outpainting_replays_from_the_image_it_extended(tiny_dir, tmp_path, capsys):
+    """The manifest records the given image (by the sha256 of its file), not the grown canvas, so the
+    file the user has is the one replay asks for; RePaint's noise is the image's own, so it replays too."""
+    src = source_file(tmp_path / "src.png")
+    out = tmp_path / "wide.png"
+    assert main(["outpaint", str(src), "--left", "8", "--bottom", "4", "--resample", "1", "--ramp", "4", "-p", "x", "--model", str(tiny_dir),
+                 "--steps", "3", "--seed", "2", "-o", str(out)]) == 0
+    capsys.readouterr()
+    recorded = read_manifest(out)["request"]
+    assert recorded["init_image"] == "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest()
+    assert recorded["outpaint"]["left"] == 8 and recorded["outpaint"]["blend"] == 4 and recorded["outpaint"]["resample"] == 1
+    assert main(["replay", str(out), "-o", str(tmp_path / "again.png")]) == 2
+    assert "pass it with --init-image FILE" in capsys.readouterr().err
+    assert main(["replay", str(out), "--init-image", str(src), "-o", str(tmp_path / "again.png")]) == 0
+    assert "identical" in capsys.readouterr().out
+
+
+def test_a_server_made_outpainting_replays(tiny, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from dreamlab.server.app import create_app
+
+    src = source_file(tmp_path / "src.png")
+    body = {"prompt": "x", "steps": 3, "seed": 4, "init_image": base64.b64encode(src.read_bytes()).decode(),
+            "outpaint": {"right": 8, "harmonize": 0.5}}
+    with TestClient(create_app(tiny, tmp_path / "data", ui=False)) as client:
+        job_id = client.post("/api/jobs", json=body).json()["id"]
+        for _ in range(600):
+            job = client.get(f"/api/jobs/{job_id}").json()
+            if job["state"] in ("done", "failed"):
+                break
+            time.sleep(0.02)
+        assert job["state"] == "done", job
+        (tmp_path / "made.png").write_bytes(client.get(job["images"][0]["url"]).content)
+    assert Image.open(tmp_path / "made.png").size == (24, 16)
+    rc = main(["replay", str(tmp_path / "made.png"), "--init-image", str(src), "-o", str(tmp_path / "again.png")])
+    assert rc == 0 and "identical" in capsys.readouterr().out

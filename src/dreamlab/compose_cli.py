@@ -7,8 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-from PIL import Image
-
 from .adapters_cli import add_adapter_options, lora_fields, register_adapters
 from .errors import DreamlabError
 
@@ -144,31 +142,20 @@ def cmd_collage(args: argparse.Namespace) -> int:
 
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
-    """Extend an image beyond its borders: the canvas grows, the new area is inpainted, the known part kept."""
-    from .generate import encode_image, generate, open_image
+    """Extend an image beyond its borders: the canvas grows, the new area is generated, the known part kept."""
+    from .generate import encode_image, generate
     from .metadata import save_png
 
-    try:
-        image = open_image(Path(args.image).read_bytes(), args.image).convert("RGBA")
-    except OSError as e:
-        raise DreamlabError(f"cannot read {args.image}: {e.strerror or e}") from None
-    model = _model(args)
-    pads = (args.left, args.top, args.right, args.bottom)
-    if min(pads) < 0 or not any(pads):
-        raise DreamlabError("give at least one of --left, --right, --top, --bottom (pixels, not negative)")
-    w, h = image.width + args.left + args.right, image.height + args.top + args.bottom
-    canvas = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    canvas.paste(image, (args.left, args.top))
-    mask = Image.new("L", (w, h), 255)
-    mask.paste(0, (args.left, args.top, args.left + image.width, args.top + image.height))
-    big = w > model.sample_size or h > model.sample_size
-    req = _request(args, prompt=args.prompt, width=w, height=h, init_image=encode_image(canvas), mask_image=encode_image(mask),
-                   strength=1.0, window=model.sample_size if big else None)
-    result = generate(model, req)
+    spec = {k: getattr(args, k) for k in OUTPAINT_OPTIONS if getattr(args, k) is not None}
+    req = _request(args, prompt=args.prompt, init_image=encode_image(args.image), outpaint=spec)  # the file's bytes
+    result = generate(_model(args), req)
     out = Path(args.output or "outpainted.png")
     save_png(result.images[0], out, result.manifests[0])
-    print(f"{out}  {w}x{h}")
+    print(f"{out}  {result.images[0].width}x{result.images[0].height}")
     return 0
+
+
+OUTPAINT_OPTIONS = ("left", "top", "right", "bottom", "fill", "ramp", "min_strength", "blend", "resample", "harmonize")
 
 
 def cmd_illusion(args: argparse.Namespace) -> int:
@@ -195,7 +182,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     o.add_argument("image")
     o.add_argument("-p", "--prompt", default="", help="what the extended image shows")
     for side in ("left", "right", "top", "bottom"):
-        o.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
+        o.add_argument(f"--{side}", type=int, help=f"pixels to add on the {side}")
+    seam = o.add_argument_group("the seam (docs/composition.md; the defaults measured best)")
+    seam.add_argument("--fill", choices=("edge", "transparent"), help="what the new area starts from (default edge: "
+                      "the border pixels carried outward)")
+    seam.add_argument("--ramp", type=int, help="pixels over which the new area's strength rises from --min-strength "
+                      "to 1 (default 32; 0: replacement inpainting, the new area free at once)")
+    seam.add_argument("--min-strength", type=float, help="strength of the new pixels next to the seam (default 0.4)")
+    seam.add_argument("--blend", type=int, help="feathered band in pixels on the known side (default 4); beyond it "
+                      "the known pixels are kept exactly")
+    seam.add_argument("--resample", type=int, help="RePaint: times each step is noised back and re-taken (default 0)")
+    seam.add_argument("--harmonize", type=float, help="strength of a second pass over the 8 pixels next to the seam "
+                      "(default 0: none)")
     _common(o)
     o.set_defaults(func=cmd_outpaint)
 

@@ -131,6 +131,10 @@ def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]
     req = resolve(model, req)
     final = model.upscaler or model
     width, height = req.width or final.sample_size, req.height or final.sample_size
+    if req.outpaint is not None:  # the canvas: the init image (its header) grown by the pads
+        from .compose.outpaint import check_outpaint
+
+        width, height = check_outpaint(model, req)
     if model.sr is not None and req.lowres_image is not None and not (req.width or req.height):
         # enlarge the given image by the model's factor (its header is read, not its pixels)
         w, h = open_image(image_bytes(req.lowres_image, "lowres_image"), "lowres_image", load=False).size
@@ -290,7 +294,8 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
 
 
 # Request fields that ask for a task with its own run (a joint run, an inversion), and its runner.
-TASKS: dict[str, str] = {"edit": "dreamlab.edit:run_edit", "collage": "dreamlab.compose.collage:run_collage"}
+TASKS: dict[str, str] = {"edit": "dreamlab.edit:run_edit", "collage": "dreamlab.compose.collage:run_collage",
+                         "outpaint": "dreamlab.compose.outpaint:run_outpaint"}
 
 
 def _task(target: str):

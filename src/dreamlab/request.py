@@ -18,6 +18,7 @@ from .core.noise import MAX_SEED
 from .core.samplers import get_sampler
 from .core.schedules import Spacing
 from .compose.collage import Box, CollageSpec
+from .compose.outpaint import OutpaintSpec
 from .errors import InvalidRequestError
 from .inputs import INPUT_IMAGES, INPUTS, InputImage  # noqa: F401  (the request's input images, listed once)
 
@@ -242,6 +243,7 @@ class GenerationRequest(BaseModel):
     illusion: IllusionSpec | None = None
     ilvr: ILVRSpec | None = None
     collage: CollageSpec | None = Field(None, description="a scene from ordered RGBA layers (docs/composition.md)")
+    outpaint: OutpaintSpec | None = Field(None, description="extend init_image beyond its borders (docs/composition.md)")
     imagic: ImagicRequest | None = Field(None, description="an Imagic edit prepared by `dreamlab imagic`")
     loras: list[LoraRequest] = Field(default_factory=list, max_length=MAX_LORAS,
                                      description="LoRAs merged into the model for this request (also <lora:NAME:SCALE> in the prompt)")
