@@ -193,6 +193,7 @@ cmd_train_vae = _train("exported VAE", ".train.vae", "VAEConfig", "train_vae")
 cmd_train_unet = _train("exported model", ".train.unet", "UNetConfig", "train_unet")
 cmd_train_judge = _train("judge", ".eval.judge", "JudgeConfig", "train_judge")
 cmd_train_controlnet = _train("exported ControlNet", ".train.controlnet", "ControlNetConfig", "train_controlnet")
+cmd_train_distill = _train("exported student", ".train.distill", "DistillConfig", "train_distill")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -345,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.emoji import add_cli as add_emoji_cli
     from .data.personal import add_cli as add_personal_cli
-    from .settings import ControlNetConfig, EvalConfig, JudgeConfig, UNetConfig, VAEConfig
+    from .settings import ControlNetConfig, DistillConfig, EvalConfig, JudgeConfig, UNetConfig, VAEConfig
 
     data = sub.add_parser("data", help="build training data").add_subparsers(dest="dataset", required=True)
     add_emoji_cli(data)
@@ -365,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(tc, ControlNetConfig, required=("data", "out"))
     tc.add_argument("--threads", type=int)
     tc.set_defaults(func=cmd_train_controlnet)
+    td = tsub.add_parser("distill", help="a few-step student of a frozen teacher: --method consistency or progressive")
+    add_dataclass_args(td, DistillConfig, required=("data", "out"))
+    td.add_argument("--threads", type=int)
+    td.set_defaults(func=cmd_train_distill)
 
     from .adapters_cli import add_cli as add_adapters_cli
     from .adapters_cli import add_train_cli as add_adapter_train_cli

@@ -49,6 +49,10 @@ def check_edit(model: ModelBundle, req: GenerationRequest) -> None:
         raise InvalidRequestError("editing by prompt needs a model with a text encoder")
     if model.upscaler is not None or model.sr is not None:
         raise InvalidRequestError("editing works on a single text-to-image model, not a cascade or an SR stage")
+    if getattr(model, "student", None) is not None and model.student.method == "consistency":
+        raise InvalidRequestError(f"editing follows the denoising path step by step (and inverts images along it); "
+                                  f"{model.name} is a consistency student, whose every step jumps to its end: edit with "
+                                  f"its teacher {model.student.teacher or ''}".rstrip())
     if len(split_prompt(req.prompt)) > 1 or len(split_prompt(spec.target)) > 1:
         raise InvalidRequestError("editing takes plain prompts, not prompts composed with AND")
     if req.mask_image is not None or req.controls:

@@ -28,7 +28,7 @@ from .compose.plan import check as check_plan
 from .control.inpaint import inpaint
 from .core.guidance import dynamic_threshold
 from .core.noise import MAX_SEED, NoiseSource, stream_seed
-from .core.samplers import get_sampler, prior_std, takes_eta
+from .core.samplers import get_sampler, keeps_steps, prior_std, takes_eta
 from .core.schedules import truncate
 from .core.types import DenoiseFn, ModelWrapper, StepCallback
 from .errors import InvalidRequestError
@@ -244,6 +244,14 @@ def _run_stage(stage: _Stage, req: GenerationRequest, source, mask, progress) ->
     return states, images
 
 
+def img2img_sigmas(model: ModelBundle, req: GenerationRequest) -> torch.Tensor:
+    """The grid of img2img at ``req.strength``: the tail of the full grid (diffusers' img2img), or, for a
+    sampler that keeps its steps (a consistency sampler), all ``req.steps`` steps below that level."""
+    if keeps_steps(req.sampler):
+        return model.schedule.sigmas_below(req.steps, req.schedule, req.strength)
+    return truncate(model.schedule.sigmas_for(req.steps, req.schedule), req.strength)
+
+
 def _hooked(hooks: list, progress):
     """The sampler's on_step: state hooks in order (each may replace the state), then the progress."""
     if not hooks:
@@ -334,10 +342,14 @@ def _generate(model: ModelBundle, req: GenerationRequest, width: int, height: in
         plain = req.model_copy(update={"regions": [], "window": None, "illusion": None, "ilvr": None})
         stages[1].plan = build_plan(stages[1].model, plain, width, height, decode_image)
     controls, notes = control_inputs(model, req, width // k, height // k, decode_image)
+    notes = [*base.plan.notes, *notes]
     base.inputs += controls
     if source is not None:
         # SDEdit (Meng et al. 2021): noise the source to a level part-way down the schedule, denoise from there
-        base.sigmas = truncate(base.sigmas, req.strength)
+        base.sigmas = img2img_sigmas(model, req)
+        if len(base.sigmas) == 1 and req.strength > 0:
+            notes.append(f"strength {req.strength:g} keeps no step of the {req.steps}-step grid: the image comes back "
+                         "unchanged; raise the strength or the steps")
 
     total = sum(len(st.sigmas) - 1 for st in stages) * req.batch
     done = [0]

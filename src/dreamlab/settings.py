@@ -183,3 +183,45 @@ class LoraTrainConfig:
     samples: bool = True
     seed: int = 0
     device: str = "auto"
+
+
+@dataclass
+class DistillConfig:
+    """Few-step students of a frozen teacher (docs/distillation.md): guided consistency distillation
+    (LCM, Luo et al. 2023) or guided progressive distillation (Meng et al. 2023; Salimans & Ho 2022)."""
+
+    data: str  # emoji dataset folder (latents and captions: the UNet trainer's cache, encoded once)
+    out: str  # run folder: checkpoints, log, loss.png, model/ (the student), stages/ (progressive)
+    method: str = "consistency"  # consistency | progressive
+    teacher: str | None = None  # the frozen teacher (default: the shipped default model)
+    name: str = "fast"  # the student's model name (manifests); progressive stages add "-Nstep"
+    # optimiser steps; progressive: of each stage (the guided stage, then each halving round)
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup: int = 100  # (per stage for progressive: each round starts a fresh optimiser, as Salimans & Ho)
+    weight_decay: float = 0.0
+    cond_dropout: float = 0.1  # captions dropped to the empty prompt: the student learns G(empty, w) = x0_u too
+    # the classifier-free guidance scales folded into the student's guidance input, drawn uniformly (its
+    # teacher's CFG convention: 1 = no guidance); 1 inside the range keeps negative prompts possible
+    guidance_min: float = 1.0
+    guidance_max: float = 8.0
+    guidance_dim: int = 256  # time_cond_proj_dim: width of the guidance-scale embedding (LCM's 256)
+    cfg_scale: float | None = None  # the exported default (None: the teacher's default, clamped to the range)
+    # consistency: the teacher's DDIM grid has solver_steps steps, i.e. its one solver step skips k = T / solver_steps
+    # timesteps (LCM's skipping step: 50 -> k = 20); huber_c: pseudo-Huber's c; target_decay: EMA of the target network
+    solver_steps: int = 50
+    huber_c: float = 0.001
+    target_decay: float = 0.95
+    student_steps: int = 4  # consistency: the exported default steps (sampler lcm, trailing)
+    # progressive: the first halving round distils the guided model's DDIM at this many steps into half as
+    # many; rounds halve until progressive_to (16 -> 8, 4, 2, 1: four rounds after the guided stage)
+    progressive_from: int = 16
+    progressive_to: int = 1
+    ema_decay: float = 0.999  # the exported weights
+    ckpt_every: int = 200
+    snapshot_every: int = 1000  # fp16 student folders in snapshots/ for the quality-vs-steps curve (0: none)
+    log_every: int = 20
+    samples: bool = True  # a sample grid with each export
+    seed: int = 0
+    device: str = "auto"

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.guiders import CFG, guide
+from ..core.guiders import CFG, FoldedCFG, guide
 from ..core.types import Cond, DenoiseFn
 from ..errors import InvalidRequestError
 from .cells import Cell, average
@@ -47,9 +47,34 @@ class Plan:
         return [ILVR(reference, factor, noise.draw(ILVR_STREAM)[:1])]
 
 
+def folds_guidance(model, req) -> bool:
+    """Whether the plan folds guidance into the model (:class:`FoldedCFG`, one row per prompt part): a
+    student that takes the scale as an input, with no negative prompt, regions or illusion. Those run
+    :class:`CFG` on the student's scale-1 rows instead (its plain conditional prediction)."""
+    return bool(getattr(model, "takes_guidance", False)) and not req.negative_prompt and not req.regions \
+        and req.illusion is None
+
+
+def _check_folded(model, req) -> None:
+    student = getattr(model, "student", None)
+    low, high = student.guidance if student is not None and student.guidance else (None, None)
+    if folds_guidance(model, req):
+        if req.guidance_rescale:
+            raise InvalidRequestError(f"guidance_rescale needs the conditional prediction beside the guided one, and "
+                                      f"{model.name} has guidance folded in (one row per step): leave it at 0")
+        if low is not None and not low <= req.cfg_scale <= high:
+            raise InvalidRequestError(f"{model.name} was distilled for cfg_scale in [{low:g}, {high:g}]; got {req.cfg_scale:g}")
+    elif low is not None and not low <= 1.0 <= high:
+        why = "a negative prompt" if req.negative_prompt else "regional prompts" if req.regions else "an illusion"
+        raise InvalidRequestError(f"{why} needs classifier-free guidance on top of {model.name}'s plain conditional "
+                                  f"prediction (scale 1), and it was distilled for scales in [{low:g}, {high:g}] only")
+
+
 def check(model, req, width: int, height: int) -> None:
     """What a composition request can get wrong, in one line (no image decoded, no network run)."""
     f = model.space.factor
+    if getattr(model, "takes_guidance", False):
+        _check_folded(model, req)
     for k, r in enumerate(req.regions):
         if (r.box is None) == (r.mask is None):
             raise InvalidRequestError(f"regions.{k}: give a box or a mask, one of them")
@@ -99,16 +124,23 @@ def build(model, req, width: int, height: int, decode) -> Plan:
         return Plan(cells, conds, guiders, _ilvr(model, req, width, height, decode))
     cond = model.encode_prompts([text for text, _ in parts])
     cells = [Cell(t) for t in tiles]
+    notes = []
+    if guided and getattr(model, "takes_guidance", False) and req.negative_prompt and not req.regions:
+        notes.append(f"negative prompt: {model.name} has guidance folded in for the empty prompt only; with a negative "
+                     "prompt it runs classifier-free guidance on top of its plain conditional prediction (two rows per step)")
     if req.regions:
         masks = torch.cat([to_latent(_region_mask(r, width, height, decode), f) for r in req.regions]).to(model.device)
         conds_r = [cond] + [model.encode_prompts([r.prompt]) for r in req.regions]
         guiders = [_regional(uncond or model.encode_prompts([""]), conds_r, masks, c.tile, req.cfg_scale) for c in cells]
+    elif guided and folds_guidance(model, req):  # a student: the scale is its input, no unconditional row
+        weights = [wt for _, wt in parts]
+        guiders = [lambda: FoldedCFG(req.cfg_scale, weights, uncond) for _ in cells]
     elif guided:
         weights = [wt for _, wt in parts]
         guiders = [lambda: CFG(uncond, req.cfg_scale, weights, req.guidance_rescale, _composed=len(parts) > 1) for _ in cells]
     else:
         guiders = [lambda: None for _ in cells]
-    return Plan(cells, [cond], guiders, _ilvr(model, req, width, height, decode))
+    return Plan(cells, [cond], guiders, _ilvr(model, req, width, height, decode), notes)
 
 
 def _regional(uncond, conds, masks, tile, scale):

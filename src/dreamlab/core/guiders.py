@@ -175,3 +175,63 @@ class ImageTextCFG:
             return x0_i + self.text_scale * (0 + 1.0 * (x0_it - x0_i))  # the very expression CFG evaluates
         x0_00, x0_i, x0_it = x0.chunk(3)
         return x0_00 + self.image_scale * (x0_i - x0_00) + self.text_scale * (x0_it - x0_i)
+
+
+@dataclass(eq=False)
+class FoldedCFG:
+    """Classifier-free guidance folded into a student (guided distillation, Meng et al. 2023; LCM, Luo et
+    al. 2023): the student takes the scale as an input (``cond.guidance``) and was distilled so that
+
+        G(c, s) = x0_u + s (x0_c - x0_u)          (its teacher's CFG, u the empty prompt),
+
+    so plain guidance is one row per image: no unconditional row. Composed prompts follow from G being
+    affine in the teacher's terms, with x0_u = G(u, s):
+
+        x0_u + s sum_i w_i (x0_i - x0_u) = sum_i w_i G(c_i, s) + (1 - sum_i w_i) G(u, s),
+
+    k rows, and one row of the empty prompt ``uncond`` only when the weights do not sum to 1. The parts
+    are stacked part-major, as for :class:`CFG`. A negative prompt cannot be folded in (the student's u is
+    the empty prompt it was distilled with): plans run :class:`CFG` on the student's scale-1 rows then.
+    """
+
+    scale: float
+    weights: Sequence[float] = (1.0,)
+    uncond: Cond | None = None  # the empty prompt; needed only when the weights do not sum to 1
+    _batched: list[tuple[Cond, Cond]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.weights = tuple(self.weights)
+        if self.needs_uncond and self.uncond is None:
+            raise ValueError(f"folded guidance with weights summing to {sum(self.weights):g} needs the empty "
+                             "prompt's conditioning")
+
+    @property
+    def needs_uncond(self) -> bool:
+        return abs(sum(self.weights) - 1.0) > 1e-9
+
+    def prepare(self, x: Tensor, sigma: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor, Cond]:
+        if cond is None:
+            raise ValueError("folded guidance needs a conditioning")
+        b, k = x.shape[0], len(self.weights)
+        if not self._batched or self._batched[0][0] is not cond:
+            parts = [_strip(cond)]
+            ss = streams(cond, b)
+            roles = tuple(Row(Role.COND, part=i, stream=s) for i in range(k) for s in ss)
+            if self.needs_uncond:
+                parts.insert(0, _strip(_broadcast(self.uncond, b)))
+                roles = tuple(Row(Role.UNCOND, stream=s) for s in ss) + roles
+            rows = Cond.cat(parts)
+            if rows.rows != len(roles):
+                raise ValueError(f"folded guidance of {k} parts needs {k * b} conditioning rows for a batch of {b}")
+            scale = torch.full((len(roles),), float(self.scale), device=x.device)
+            self._batched[:] = [(cond, replace(rows, guidance=scale, roles=roles))]
+        n = k + self.needs_uncond
+        return torch.cat([x] * n), torch.cat([sigma] * n), self._batched[0][1]
+
+    def combine(self, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
+        if not self.needs_uncond and len(self.weights) == 1:
+            return x0
+        rows = x0.chunk(len(self.weights) + self.needs_uncond)
+        x0_u, parts = (rows[0], rows[1:]) if self.needs_uncond else (None, rows)
+        out = sum(w * x0_i for w, x0_i in zip(self.weights, parts))
+        return out if x0_u is None else out + (1 - sum(self.weights)) * x0_u

@@ -70,3 +70,37 @@ def l_simple(
     err = (model_out.float() - target(x0, noise, t, schedule, prediction).float()) ** 2
     per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
     return (loss_weights(t, schedule, prediction, min_snr_gamma) * per_sample).mean()
+
+
+# ----------------------------------------------------------------------------------- distillation targets
+# In the sampler's form x = x0 + sigma * eps, with per-row sigmas (B,), as the distillation trainer draws them.
+
+
+def ddim_step(x: Tensor, x0: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """One deterministic DDIM step (Song et al. 2021, eq. 12; an Euler step in sigma) per row:
+    x_next = x0 + (sigma_next / sigma) (x - x0). The teacher's solver step of consistency distillation and
+    each of the two teacher steps of progressive distillation."""
+    return x0 + _bc(sigma_next / sigma, x) * (x - x0)
+
+
+def ddim_x0_target(x: Tensor, x_next: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """The x0 whose one DDIM step from (x, sigma) lands on x_next at sigma_next: progressive distillation's
+    target after two teacher steps (Salimans & Ho 2022, Algorithm 2, x~ = (z'' - (s''/s) z) / (a'' - (s''/s) a)
+    in the DDPM form), here x0 = (x_next - r x) / (1 - r), r = sigma_next / sigma; x_next itself when
+    sigma_next = 0."""
+    r = _bc(sigma_next / sigma, x)
+    return (x_next - r * x) / (1 - r)
+
+
+def truncated_snr_weight(sigma: Tensor) -> Tensor:
+    """Salimans & Ho 2022's "truncated SNR" weighting of an x0 loss, max(SNR, 1) with SNR = 1 / sigma^2:
+    like an eps loss at low noise, never zero at high noise (where an eps-weighted x0 loss vanishes)."""
+    return (1 / sigma.double() ** 2).clamp(min=1.0).float()
+
+
+def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
+    """The pseudo-Huber loss sqrt(d^2 + c^2) - c (Song & Dhariwal 2023, "Improved techniques for training
+    consistency models", sec. 3.3; LCM's ``huber_c``), averaged over every element: quadratic below c,
+    linear above, so a few large errors do not dominate."""
+    d = pred.float() - target.float()
+    return ((d**2 + c**2).sqrt() - c).mean()

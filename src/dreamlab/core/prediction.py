@@ -63,6 +63,22 @@ def convert(out: Tensor, x: Tensor, sigma: Tensor, src: Prediction, dst: Predict
     return from_x0(to_x0(out, x, sigma, src), x, sigma, dst)
 
 
+def consistency_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """LCM's boundary condition (Luo et al. 2023, eq. 5 after Song et al. 2023, eq. 9; diffusers'
+    ``LCMScheduler.get_scalings_for_boundary_condition_discrete``), at (fractional) timesteps t:
+
+        f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t),   c_skip = sd^2 / ((s t)^2 + sd^2),   c_out = s t / sqrt((s t)^2 + sd^2)
+
+    with s = ``timestep_scaling``. f(x, 0) = x exactly, and from t = 1 on f is x0_hat to within 0.25%, so
+    a student made from its teacher starts as the teacher. (diffusers applies c_skip to x_t, the DDPM form;
+    here it multiplies x, the sampler's form, in which f(x, 0) = x holds exactly. They differ by a factor
+    sqrt(alpha_bar_t) on a term that is nonzero only below t = 1.)"""
+    st = t.double() * timestep_scaling
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / (st**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
+
+
 def step_index(sigmas: Tensor, sigma: Tensor) -> int:
     """The index in a sampler's descending grid of the point nearest ``sigma`` (its first row): the step
     a controller is at, from the sigma it is called with, never from counting calls."""
@@ -82,6 +98,10 @@ class Denoiser:
     call its step index. Training calls :meth:`loss`, which goes through the same wrappers, network
     function and schedule (as k-diffusion's ``loss`` and ``forward`` share ``get_scalings``), so a student
     and its teacher, or a ControlNet and its base, are called exactly as they are at sampling.
+
+    ``consistency``: the network is a consistency model (a consistency-distilled student); what it returns
+    goes through the boundary condition of :func:`consistency_scalings`, at sampling and in distillation
+    alike (the distillation trainer calls this denoiser).
     """
 
     model: ModelFn
@@ -91,6 +111,7 @@ class Denoiser:
     check_finite: bool = True
     wrappers: tuple[ModelWrapper, ...] = ()
     sigmas: Tensor | None = None
+    consistency: bool = False
 
     def network(self, call: ModelCall) -> Tensor:
         """The network's raw output for one call, after the model wrappers."""
@@ -113,7 +134,11 @@ class Denoiser:
                 f"the model produced NaN or Inf at sigma={float(sigma[0]):.4g} (t={float(t[0]):.1f}); "
                 "check the weights and the input, or run in float32"
             )
-        return to_x0(out, x, sigma, self.prediction)
+        x0 = to_x0(out, x, sigma, self.prediction)
+        if self.consistency:
+            c_skip, c_out = consistency_scalings(t)
+            x0 = _b(c_skip.to(x.dtype), x) * x + _b(c_out.to(x.dtype), x) * x0
+        return x0
 
     def loss(self, x0: Tensor, noise: Tensor, t: Tensor, cond: Cond | None = None, *,
              min_snr_gamma: float | None = None) -> Tensor:

@@ -9,6 +9,11 @@ dx/dsigma = (x - x0(x, sigma)) / sigma) and k-diffusion.
 Equivalences, exact in this form (and checked against diffusers in the tests):
     ddim(eta=0)  == euler                               (Song et al. 2021, eq. 12 is an Euler step in sigma)
     ddim(eta=1)  == ddpm == euler_ancestral(eta=1)      (the posterior q(x_{t-1} | x_t, x0) of Ho et al.)
+    lcm          == euler_ancestral(eta -> inf)         (sigma_down = 0: all of sigma_next is fresh noise)
+
+``lcm`` is not a solver of the ODE: it expects the denoiser to be a consistency function, which maps any
+x on a trajectory to that trajectory's end (a consistency-distilled student). With a plain denoiser
+(E[x0 | x]) it returns too little variance.
 """
 
 from __future__ import annotations
@@ -39,13 +44,16 @@ class Sampler(Protocol):
 
 SAMPLERS: dict[str, Sampler] = {}
 STOCHASTIC: set[str] = set()
+KEEPS_STEPS: set[str] = set()  # img2img keeps all the requested steps (schedules.sigmas_below), see keeps_steps
 
 
-def register(name: str, *, stochastic: bool = False) -> Callable[[Sampler], Sampler]:
+def register(name: str, *, stochastic: bool = False, keeps_steps: bool = False) -> Callable[[Sampler], Sampler]:
     def deco(fn: Sampler) -> Sampler:
         SAMPLERS[name] = fn
         if stochastic:
             STOCHASTIC.add(name)
+        if keeps_steps:
+            KEEPS_STEPS.add(name)
         return fn
 
     return deco
@@ -61,6 +69,15 @@ def get_sampler(name: str) -> Sampler:
 def takes_eta(name: str) -> bool:
     """Whether the sampler has an ``eta`` option (the noise of ddim / ancestral / sde samplers)."""
     return "eta" in inspect.signature(get_sampler(name)).parameters
+
+
+def keeps_steps(name: str) -> bool:
+    """Whether img2img with this sampler runs all the requested steps below the strength's noise level
+    (``DiscreteSchedule.sigmas_below``) instead of the tail of the full grid (``schedules.truncate``). A
+    consistency sampler can start anywhere: each of its steps jumps to x0, so at 4 steps a strength of
+    0.2 still gets 4 steps, not int(4 * 0.2) = 0."""
+    get_sampler(name)
+    return name in KEEPS_STEPS
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -213,6 +230,25 @@ def sample_dpmpp_2m_sde(denoise, x, sigmas, *, cond=None, noise=None, on_step=No
                 x = x + noise(i) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt()
             h_last = h
         old_denoised = denoised
+        x = _report(on_step, i, sigmas, x, denoised)
+    return x
+
+
+@register("lcm", stochastic=True, keeps_steps=True)
+def sample_lcm(denoise, x, sigmas, *, cond=None, noise=None, on_step=None) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM, Luo et al. 2023, Algorithm 3).
+
+    At each step x0 = f(x, sigma), then fresh noise to the next level: x = x0 + sigma_next * z; the last
+    step returns x0. ``denoise`` must be a consistency function (a consistency-distilled student), for which
+    every step is exact wherever it starts: any grid works, and ``trailing`` with 1-8 steps is the usual
+    one (LCMScheduler starts at t = T - 1 too). In the DDPM form this is LCMScheduler's
+    ``prev_sample = sqrt(ab_prev) * denoised + sqrt(1 - ab_prev) * noise``."""
+    sigmas = _prepare(x, sigmas)
+    noise = _noise_or_default(noise, x)
+    grid = sigmas.tolist()
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(x, sigmas[i].expand(x.shape[0]), cond)
+        x = denoised + noise(i) * grid[i + 1] if grid[i + 1] > 0 else denoised
         x = _report(on_step, i, sigmas, x, denoised)
     return x
 

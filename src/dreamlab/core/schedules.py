@@ -160,6 +160,29 @@ class DiscreteSchedule:
         sig = self.sigmas[self.timesteps(n, spacing).long()]
         return torch.cat([sig, sig.new_zeros(1)])
 
+    def sigmas_below(self, n: int, spacing: Spacing, strength: float, *, rho: float = 7.0) -> Tensor:
+        """img2img for a sampler that keeps its steps (``samplers.keeps_steps``): the n-step grid of
+        ``spacing`` squeezed onto the levels below ``strength``. Timesteps map as t -> (t + 1) * strength - 1
+        (fractional; sigma interpolated in log sigma), so the grid starts where :func:`truncate`'s would,
+        at t = strength * T - 1 for ``trailing``, but keeps all n steps. karras runs from sigma_min to that
+        start. strength=1 is :meth:`sigmas_for`; a start below t = 0 keeps no step (the grid [0])."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be within [0, 1], got {strength}")
+        if strength == 1.0:
+            return self.sigmas_for(n, spacing, rho=rho)
+        T = self.num_train_timesteps
+        start = strength * T - 1
+        if start <= 0:
+            return torch.zeros(1, dtype=torch.float64)
+        if spacing == "karras":
+            _check_steps(n, None)
+            return karras(n, self.sigma_min, float(self.t_to_sigma(torch.tensor(start))), rho)
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing '{spacing}'; known: {', '.join(SPACINGS)}")
+        t = ((self.timesteps(n, spacing) + 1) * strength - 1).clamp(min=0)
+        sig = self.t_to_sigma(t)
+        return torch.cat([sig, sig.new_zeros(1)])
+
 
 def _check_steps(n: int, T: int | None) -> None:
     if not isinstance(n, int) or n <= 0:

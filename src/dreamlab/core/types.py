@@ -38,6 +38,8 @@ class Cond:
     pooled:      (B, D') one vector per prompt
     concat:      (B, C, H, W) channels concatenated to the model input (super-resolution, instruction editing)
     noise_level: (B,) the level (a timestep) of the noise added to ``concat`` (conditioning augmentation)
+    guidance:    (B,) the classifier-free guidance scale a student with guidance folded in takes as an input
+                 (guided distillation, Meng et al. 2023; LCM's ``w``); None for a model without that input
     roles:       one :class:`Row` per row, set by the guider; None when nobody laid the rows out
     """
 
@@ -46,9 +48,10 @@ class Cond:
     pooled: Tensor | None = None
     concat: Tensor | None = None
     noise_level: Tensor | None = None
+    guidance: Tensor | None = None
     roles: tuple[Row, ...] | None = None
 
-    _TENSORS = ("tokens", "mask", "pooled", "concat", "noise_level")
+    _TENSORS = ("tokens", "mask", "pooled", "concat", "noise_level", "guidance")
 
     @property
     def rows(self) -> int | None:

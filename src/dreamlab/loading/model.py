@@ -27,7 +27,7 @@ from ..core.prediction import Prediction
 from ..core.samplers import SAMPLERS
 from ..core.schedules import DiscreteSchedule, Spacing
 from ..errors import DreamlabError, ModelNotFoundError
-from ..models.bundle import CONCAT_INPUTS, Defaults, ModelBundle, ModelInput, SuperResolution
+from ..models.bundle import CONCAT_INPUTS, Defaults, ModelBundle, ModelInput, Student, SuperResolution
 from ..models.space import PixelSpace, VAESpace
 from ..models.text import Pooling, TextEncoder
 from .checkpoint import CHECKPOINT_SUFFIXES
@@ -78,6 +78,23 @@ class DefaultsSpec(BaseModel):
         return v
 
 
+class StudentSpec(BaseModel):
+    """A distilled few-step student (written by ``dreamlab train distill``; docs/distillation.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["consistency", "progressive"]
+    teacher: str = ""  # its name
+    teacher_unet: str | None = None  # sha256 of the teacher's UNet weights (its ControlNets fit the student)
+    guidance: tuple[float, float] | None = None  # [min, max] of the guidance scales folded into its input
+
+    @field_validator("guidance")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0.0 <= v[0] <= v[1]:
+            raise ValueError(f"must be [min, max] with 0 <= min <= max, got {list(v)}")
+        return v
+
+
 class ModelSpec(BaseModel):
     """Contents of ``dreamlab.json``."""
 
@@ -94,6 +111,7 @@ class ModelSpec(BaseModel):
     # extra inputs beside the prompt (a super_resolution stage takes "lowres_image" without saying so);
     # each of lowres_image and source_image adds the latent channels to the UNet's input
     inputs: list[ModelInput] = Field(default_factory=list)
+    student: StudentSpec | None = None  # this model is a student distilled from a teacher
     training: dict[str, Any] = Field(default_factory=dict)  # what the trainer recorded: steps, train_hours, ...
 
 
@@ -209,6 +227,12 @@ def _load_folder(
                 f"{2 * space.channels} input channels (has {unet.config.in_channels}) and class_embed_type 'timestep'"
             )
     _check_channels(root, unet, space, inputs)
+    student = None
+    if spec.student is not None:
+        student = Student(spec.student.method, spec.student.teacher, spec.student.teacher_unet, spec.student.guidance)
+        if spec.student.guidance is not None and getattr(unet.config, "time_cond_proj_dim", None) is None:
+            raise DreamlabError(f"{root}/dreamlab.json says guidance is folded into the student, but its UNet takes "
+                                "no guidance input (time_cond_proj_dim)")
     return ModelBundle(
         unet=unet.to(device).eval().requires_grad_(False),
         text_encoder=text_encoder,
@@ -223,6 +247,7 @@ def _load_folder(
         sr=sr,
         defaults=Defaults(**{k: v for k, v in spec.defaults.model_dump().items() if v is not None}),
         inputs=inputs,
+        student=student,
     )
 
 

@@ -47,6 +47,24 @@ class Defaults:
     schedule: str = "karras"
 
 
+@dataclass(frozen=True)
+class Student:
+    """A few-step student distilled from a teacher (docs/distillation.md), as its ``dreamlab.json`` says.
+
+    method:       "consistency" (its network is a consistency function: the Denoiser applies LCM's
+                  boundary condition; sampled with ``lcm``) or "progressive" (an x0 predictor for the
+                  DDIM grid it was halved to)
+    teacher:      the teacher's name
+    teacher_unet: sha256 of the teacher's UNet weights: ControlNets made for the teacher are offered to it
+    guidance:     (min, max) of the guidance scales folded into its guidance input, or None if unknown
+    """
+
+    method: Literal["consistency", "progressive"]
+    teacher: str = ""
+    teacher_unet: str | None = None
+    guidance: tuple[float, float] | None = None
+
+
 @dataclass(eq=False)
 class ModelBundle:
     unet: nn.Module  # a diffusers UNet2DConditionModel
@@ -63,6 +81,7 @@ class ModelBundle:
     upscaler: "ModelBundle | None" = None  # a cascade: this base model's images are enlarged by this SR stage
     defaults: Defaults = Defaults()
     inputs: tuple[ModelInput, ...] = ()  # extra inputs it takes beside the prompt
+    student: Student | None = None  # set for a distilled student
     pass_call: bool = False  # attention processors of this view want each ModelCall (set by a patch)
     controlnet_dirs: dict[str, Path] = field(default_factory=dict)  # condition -> folder, given explicitly
     adapters: AdapterSet = field(default_factory=AdapterSet)  # LoRAs and embeddings it can use (shared by views)
@@ -77,6 +96,16 @@ class ModelBundle:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the UNet takes the guidance scale as an input (guidance folded in: ``Cond.guidance``)."""
+        return getattr(self.unet.config, "time_cond_proj_dim", None) is not None
+
+    @property
+    def _teacher_unets(self) -> tuple[str, ...]:
+        """UNets besides its own whose ControlNets this model takes: a student's teacher's."""
+        return (self.student.teacher_unet,) if self.student is not None and self.student.teacher_unet else ()
+
     def denoiser(self, wrappers: Sequence[ModelWrapper] = (), *, sigmas: Tensor | None = None) -> Denoiser:
         """The model as a denoiser; ``wrappers`` see every network call (ControlNet residuals, concatenated
         inputs), ``sigmas`` (the sampler's grid) gives each call its step index."""
@@ -84,20 +113,22 @@ class ModelBundle:
             UNetModelFn(self.unet, use_mask=self.use_mask, pass_call=self.pass_call, pixel_factor=self.space.factor),
             self.schedule, self.prediction,
             model_dtype=self.dtype, wrappers=tuple(wrappers), sigmas=sigmas,
+            consistency=self.student is not None and self.student.method == "consistency",
         )
 
     def controlnets(self) -> dict[str, Path]:
         """condition -> folder of every ControlNet this model can use: given ones first, then installed."""
         from .controlnet import installed_controlnets
 
-        return {**installed_controlnets(self.files), **self.controlnet_dirs}
+        return {**installed_controlnets(self.files, also=self._teacher_unets), **self.controlnet_dirs}
 
     def use_controlnet(self, folder: str | Path) -> str:
         """Make the ControlNet in ``folder`` this model's for its condition (checked to fit); the condition."""
         from .controlnet import load_controlnet
 
         folder = Path(folder).expanduser()
-        net, spec, files = load_controlnet(folder, self.files, device=self.device, dtype=self.dtype)
+        net, spec, files = load_controlnet(folder, self.files, device=self.device, dtype=self.dtype,
+                                           also=self._teacher_unets)
         condition = spec.controlnet.condition
         self.controlnet_dirs[condition] = folder
         self._controlnets[condition] = (net, folder, files)
@@ -115,7 +146,8 @@ class ModelBundle:
                     f"no ControlNet for '{condition}' is installed for {self.name}; train one with `dreamlab train "
                     f"controlnet --condition {condition}` or pass its folder with --controlnet"
                 )
-            net, _, files = load_controlnet(folder, self.files, device=self.device, dtype=self.dtype)
+            net, _, files = load_controlnet(folder, self.files, device=self.device, dtype=self.dtype,
+                                            also=self._teacher_unets)
             self._controlnets[condition] = (net, folder, files)
         return self._controlnets[condition]
 
@@ -128,7 +160,10 @@ class ModelBundle:
 
     def encode_prompts(self, prompts: list[str], *, grad: bool = False) -> Cond | None:
         """The prompts' conditioning on this model's device; ``grad``: with autograd through the encoder
-        (textual inversion and Imagic optimise its inputs)."""
+        (textual inversion and Imagic optimise its inputs). A model that takes the guidance scale as an
+        input gets scale 1 in every row: its plain conditional prediction (its teacher's CFG at scale 1),
+        which any guider may use as a model without guidance; :class:`~dreamlab.core.guiders.FoldedCFG`
+        replaces it with the request's scale."""
         if self.text_encoder is None:
             return None
         cond = self.text_encoder.encode_with_grad(prompts) if grad else self.text_encoder.encode(prompts)
@@ -136,4 +171,5 @@ class ModelBundle:
             tokens=cond.tokens.to(self.device) if cond.tokens is not None else None,
             mask=cond.mask.to(self.device) if cond.mask is not None else None,
             pooled=cond.pooled.to(self.device) if cond.pooled is not None else None,
+            guidance=torch.ones(len(prompts), device=self.device) if self.takes_guidance else None,
         )

@@ -76,29 +76,32 @@ def search_path() -> list[Path]:
     return [*extra, shipped]
 
 
-def installed_controlnets(files: dict[str, str]) -> dict[str, Path]:
-    """condition -> ControlNet folder, for the model whose file hashes are ``files`` (first found wins)."""
-    want = base_hash(files)
+def installed_controlnets(files: dict[str, str], also: tuple[str, ...] = ()) -> dict[str, Path]:
+    """condition -> ControlNet folder, for the model whose file hashes are ``files`` (first found wins); a
+    student also takes those made for its teacher's UNet (``also``: their sha256), after its own."""
     found: dict[str, Path] = {}
-    for root in search_path():
-        for folder in sorted(root.glob("*")) if root.is_dir() else []:
-            try:
-                spec = read_controlnet_spec(folder)
-            except DreamlabError:
-                continue
-            if spec.controlnet.base_unet == want:
-                found.setdefault(spec.controlnet.condition, folder)
+    for bases in ((base_hash(files),), also):  # its own first
+        for root in search_path():
+            for folder in sorted(root.glob("*")) if root.is_dir() else []:
+                try:
+                    spec = read_controlnet_spec(folder)
+                except DreamlabError:
+                    continue
+                if spec.controlnet.base_unet in bases:
+                    found.setdefault(spec.controlnet.condition, folder)
     return found
 
 
-def load_controlnet(folder: Path, files: dict[str, str], *, device="cpu", dtype=None, allow_pickle: bool = False):
-    """The ControlNet in ``folder``, checked to be made for the model whose file hashes are ``files``.
-    Returns (network, spec, the folder's file hashes)."""
+def load_controlnet(folder: Path, files: dict[str, str], *, device="cpu", dtype=None, allow_pickle: bool = False,
+                    also: tuple[str, ...] = ()):
+    """The ControlNet in ``folder``, checked to be made for the model whose file hashes are ``files`` (or
+    for one of the UNets whose sha256 is in ``also``: a student's teacher). Returns (network, spec, the
+    folder's file hashes)."""
     from diffusers import ControlNetModel
 
     spec = read_controlnet_spec(folder)
     want = base_hash(files)
-    if spec.controlnet.base_unet != want:
+    if spec.controlnet.base_unet != want and spec.controlnet.base_unet not in also:
         raise DreamlabError(
             f"the ControlNet in {folder} was made for another UNet ({spec.controlnet.base_name or 'unnamed'}, "
             f"sha256 {spec.controlnet.base_unet[:12]}...), not this model's ({(want or 'none')[:12]}...)"

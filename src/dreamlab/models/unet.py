@@ -6,10 +6,13 @@ training alike (the trainers call the UNet through this adapter and ``Denoiser.l
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..core.types import ModelCall
+from ..errors import DreamlabError
 
 
 class UNetModelFn:
@@ -29,6 +32,10 @@ class UNetModelFn:
     added_cond_kwargs: a UNet with ``addition_embed_type="text_time"`` (SDXL) gets the pooled prompt
     embedding as ``text_embeds`` and the size conditioning as ``time_ids`` (:func:`size_ids`) of the image
     being made, which is the state's size times ``pixel_factor`` (the space's).
+
+    timestep_cond: a UNet with ``time_cond_proj_dim`` (a distilled student with guidance folded in) gets
+    each row's guidance scale (``Cond.guidance``) as :func:`guidance_embedding`, projected and added to
+    its timestep embedding, as diffusers' LatentConsistencyModelPipeline calls it.
     """
 
     def __init__(self, unet, *, use_mask: bool = False, pass_call: bool = False, pixel_factor: int | None = None):
@@ -39,6 +46,7 @@ class UNetModelFn:
         config = getattr(unet, "module", unet).config  # DDP(unet) in training
         self.takes_pooled = getattr(config, "class_embed_type", None) == "projection"
         self.takes_text_time = getattr(config, "addition_embed_type", None) == "text_time"
+        self.guidance_dim = getattr(config, "time_cond_proj_dim", None)
         if self.takes_text_time and pixel_factor is None:
             raise ValueError("a UNet with size conditioning (SDXL) needs pixel_factor: image size / state size")
 
@@ -66,6 +74,13 @@ class UNetModelFn:
                     raise ValueError("this UNet (SDXL) takes the pooled prompt embedding: the conditioning has none")
                 ids = size_ids(x_t.shape[0], x_t.shape[-2] * self.pixel_factor, x_t.shape[-1] * self.pixel_factor)
                 kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(x_t.dtype), "time_ids": ids.to(x_t)}
+        if self.guidance_dim:
+            if cond is None or cond.guidance is None:
+                raise DreamlabError("this UNet takes the guidance scale as an input (a distilled student: "
+                                    "time_cond_proj_dim), and the conditioning has none")
+            kwargs["timestep_cond"] = guidance_embedding(cond.guidance, self.guidance_dim).to(x_t)
+        elif cond is not None and cond.guidance is not None:
+            raise DreamlabError("the conditioning carries a guidance scale for a student, but this UNet takes none")
         if tokens is not None:
             tokens = tokens.to(x_t.dtype)
         t = call.t if call.sigma is None else call.t.float()  # training keeps its integer timesteps
@@ -79,6 +94,18 @@ class UNetModelFn:
         if self.pass_call:
             kwargs["cross_attention_kwargs"] = {"call": call}
         return self.unet(x_t, t, encoder_hidden_states=tokens, return_dict=False, **kwargs)[0]
+
+
+def guidance_embedding(scale: Tensor, dim: int) -> Tensor:
+    """(B,) guidance scales -> (B, dim): LCM's embedding of w = scale - 1 (diffusers'
+    ``get_guidance_scale_embedding``, after VDM): sines and cosines of 1000 w at geometric frequencies.
+    The student's w is diffusers' ``guidance_scale - 1``, so scale 1 (no guidance) embeds w = 0."""
+    w = (scale.float() - 1.0) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = torch.cat([emb.sin(), emb.cos()], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
 def size_ids(rows: int, height: int, width: int) -> Tensor:

@@ -127,14 +127,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
     keep: int = 2,
+    states: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically; keep the newest ``keep`` ones."""
+    """Write checkpoints/step-N atomically; keep the newest ``keep`` ones. ``states``: more state dicts
+    to resume (a distillation's target network), read back by :func:`load_states`."""
     ckpt_root = out_dir / "checkpoints"
     final = ckpt_root / f"step-{step:07d}"
     tmp = _atomic_dir(final)
     try:
         model.save_pretrained(tmp / "model")
-        torch.save({"optimizer": optimizer.state_dict(), "ema": ema.state_dict()}, tmp / "training_state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "ema": ema.state_dict(), **({"states": states} if states else {})},
+                   tmp / "training_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -158,6 +161,11 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, ema: EMA) 
     optimizer.load_state_dict(blob["optimizer"])
     ema.load_state_dict(blob["ema"])
     return json.loads((ckpt / "state.json").read_text())
+
+
+def load_states(ckpt: Path) -> dict[str, Any]:
+    """The ``states`` a checkpoint was saved with (empty if none)."""
+    return torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True).get("states", {})
 
 
 def resume(
