@@ -85,39 +85,33 @@ def prepare(model, image_bytes: bytes, target: str, settings: ImagicSettings = I
         return Cond(tokens=tokens.expand(B, -1, -1), mask=target_cond.mask.expand(B, -1),
                     pooled=pooled.expand(B, -1) if pooled is not None else None)
 
+    total = settings.embed_steps + settings.tune_steps
+    losses: dict[str, list[float]] = {"embed": [], "tune": []}
+
+    def fit(denoiser, opt, steps: int, tokens: Tensor, key: str, done: int) -> None:
+        for i in range(steps):
+            xb, noise, t = batch()
+            loss = denoiser.loss(xb, noise, t, cond_of(tokens), min_snr_gamma=5.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[key].append(loss.item())
+            if on_progress:
+                on_progress(done + i + 1, total)
+
     # 1. e_opt: the target's token states, optimised to reconstruct the image (the model frozen)
     e_tgt = target_cond.tokens.detach()
     e_opt = torch.nn.Parameter(e_tgt.clone())
-    opt = torch.optim.Adam([e_opt], lr=settings.embed_lr)
-    denoiser = model.denoiser()
-    losses = {"embed": [], "tune": []}
-    for i in range(settings.embed_steps):
-        xb, noise, t = batch()
-        loss = denoiser.loss(xb, noise, t, cond_of(e_opt), min_snr_gamma=5.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses["embed"].append(loss.item())
-        if on_progress:
-            on_progress(i + 1, settings.embed_steps + settings.tune_steps)
+    fit(model.denoiser(), torch.optim.Adam([e_opt], lr=settings.embed_lr), settings.embed_steps, e_opt, "embed", 0)
     e_opt = e_opt.detach()
 
     # 2. the UNet fine-tuned (a LoRA) on the image at e_opt
     from peft.utils import get_peft_model_state_dict
 
     view, params = peft_view(model, settings.rank, float(settings.rank), ("to_q", "to_k", "to_v", "to_out.0"))
-    opt = torch.optim.AdamW(params, lr=settings.tune_lr, weight_decay=1e-2)
-    tuned = view.denoiser()
     view.unet.train()
-    for i in range(settings.tune_steps):
-        xb, noise, t = batch()
-        loss = tuned.loss(xb, noise, t, cond_of(e_opt), min_snr_gamma=5.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses["tune"].append(loss.item())
-        if on_progress:
-            on_progress(settings.embed_steps + i + 1, settings.embed_steps + settings.tune_steps)
+    fit(view.denoiser(), torch.optim.AdamW(params, lr=settings.tune_lr, weight_decay=1e-2), settings.tune_steps, e_opt,
+        "tune", settings.embed_steps)
     lora = peft_to_lora(get_peft_model_state_dict(view.unet), float(settings.rank))
     del view
 
