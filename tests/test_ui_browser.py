@@ -413,3 +413,40 @@ def test_the_collage_editor_places_layers_with_the_mouse(live, browser, tmp_path
     scene = Image.open(io.BytesIO(httpx.get(url + job["images"][0]["url"]).content))
     assert scene.size == (64, 48)
     assert elsewhere == []
+
+
+@pytest.fixture
+def adapter_library(tiny, tmp_path, monkeypatch):
+    """An adapter library with one LoRA for the tiny model (read when the UI is built)."""
+    import torch
+
+    from dreamlab.adapters.lora import LoraLayer, LoraWeights, save_lora
+
+    g = torch.Generator().manual_seed(0)
+    layers = {name: LoraLayer(torch.randn(2, m.weight.shape[1], generator=g), torch.randn(m.weight.shape[0], 2, generator=g), 1.0)
+              for name, m in tiny.unet.named_modules() if name.endswith("attn1.to_q")}
+    save_lora(LoraWeights({"unet": layers}), tmp_path / "lib" / "loras" / "ui-lora")
+    monkeypatch.setenv("DREAMLAB_ADAPTERS", str(tmp_path / "lib"))
+
+
+def test_the_adapter_picker_puts_a_lora_into_the_prompt(adapter_library, live, browser):
+    import httpx
+
+    url, _ = live
+    page, elsewhere = browser
+    open_ui(page, url)
+    page.locator("#prompt textarea").fill("red apple")
+    page.click("#adapters")  # the accordion
+    page.locator("#lora-name input").click()
+    page.get_by_role("option", name="ui-lora", exact=True).click()
+    set_number(page, "lora-scale", 0.5)
+    page.click("#lora-add")
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'red apple <lora:ui-lora:0.5>'")
+    set_number(page, "steps", 4)
+    page.locator("#seed input").fill("7")
+    assert generate(page).startswith("done"), page.text_content("#progress")
+    items = httpx.get(f"{url}/api/gallery").json()["items"]
+    manifest = httpx.get(f"{url}{items[0]['metadata_url']}").json()["manifest"]
+    assert manifest["request"]["loras"] == [{"name": "ui-lora", "scale": 0.5}] and manifest["request"]["prompt"] == "red apple"
+    assert [(a["kind"], a["name"], a["scale"]) for a in manifest["adapters"]] == [("lora", "ui-lora", 0.5)]
+    assert not elsewhere
