@@ -163,8 +163,6 @@ def _load_folder(
 ) -> ModelBundle:
     """One model folder. ``text_encoder``: an encoder already loaded for what ``spec`` names (a cascade's
     two stages share the packaged one), used instead of loading it again."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     if not (root / "unet").is_dir():
         if explicit:
             raise ModelNotFoundError(f"no model at {root} (expected a diffusers-format folder with unet/)")
@@ -176,6 +174,7 @@ def _load_folder(
     if not sched_file.exists():
         raise ModelNotFoundError(f"{root} has no scheduler/scheduler_config.json (the training noise schedule)")
     sched_cfg = json.loads(sched_file.read_text())
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # after the checks: a wrong path fails fast
 
     try:
         unet = UNet2DConditionModel.from_pretrained(
