@@ -164,7 +164,8 @@ def main() -> None:
     print(f"{'whole command':44s} {c['wall']:8.2f} {c['cpu']:8.2f}")
     for name, label in (("torch", "import torch"), ("cli", "dreamlab: CLI, request, engine"),
                         ("libraries", "import diffusers, transformers"),
-                        ("load", "load the model"), ("generate", "encode the prompt, sample, decode"), ("save", "write the PNG")):
+                        ("load", "load the model"), ("generate", "encode the prompt, sample, decode"),
+                        ("save", "write the PNG")):
         print(f"  {label:42s} {phases[name]['wall']:8.2f} {phases[name]['cpu']:8.2f}")
     for name, m in result["floor"].items():
         print(f"{'floor: ' + name:44s} {m['wall']:8.2f} {m['cpu']:8.2f}")
