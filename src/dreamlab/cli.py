@@ -20,13 +20,11 @@ def _output_paths(out: Path, n: int) -> list[Path]:
 
 
 def cmd_generate(args: argparse.Namespace, model=None) -> int:
-    import torch
-
+    # the request is checked before the sampling engine and the model's libraries are imported: a bad
+    # value or a missing file fails in a fraction of the start-up (docs/benchmarks.md, Start-up)
     from .adapters_cli import lora_fields, register_adapters
     from .compose_cli import composition_fields
-    from .generate import INPUTS, encode_image, generate, make_request
-    from .loading.model import load_model
-    from .metadata import save_png
+    from .request import INPUTS, encode_image, make_request
 
     fields = {
         "prompt": args.prompt,
@@ -50,6 +48,12 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
     fields["loras"] = lora_fields(args)
     fields.update(composition_fields(args))
     request = make_request(**{k: v for k, v in fields.items() if v is not None})
+    import torch
+
+    from .generate import generate
+    from .loading.model import load_model
+    from .metadata import save_png
+
     if args.threads:
         torch.set_num_threads(args.threads)
     model = model or load_model(args.model, device=args.device, allow_pickle=args.allow_pickle, prediction=args.prediction)
@@ -90,7 +94,7 @@ def _per_control(values: list[float] | None, n: int, flag: str) -> list[float | 
 
 def _controls(args: argparse.Namespace) -> list[dict] | None:
     """--control COND:FILE (repeatable) with --control-scale/--control-start/--control-end -> request controls."""
-    from .generate import encode_image
+    from .request import encode_image
 
     specs = getattr(args, "control", None) or []
     if not specs:

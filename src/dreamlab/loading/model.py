@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,18 +139,40 @@ def load_model(
     ``config`` is a diffusers folder whose configs to use instead of the bundled ones."""
     explicit = path is not None
     root = Path(path).expanduser() if explicit else default_model_dir()
-    if root.is_file() or root.suffix.lower() in CHECKPOINT_SUFFIXES:
-        from .single_file import load_single_file
+    with _loading_threads():
+        if root.is_file() or root.suffix.lower() in CHECKPOINT_SUFFIXES:
+            from .single_file import load_single_file
 
-        return load_single_file(root, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction,
-                                config=config)
-    if prediction is not None or config is not None:
-        raise DreamlabError(f"{root} is a model folder: its scheduler_config.json says its prediction type and its "
-                            "configs are its own (prediction and config are for single-file checkpoints)")
-    spec = read_spec(root)
-    if spec.cascade is not None:
-        return _load_cascade(root, spec, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    return _load_folder(root, spec, explicit=explicit, device=device, dtype=dtype, allow_pickle=allow_pickle)
+            return load_single_file(root, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                    prediction=prediction, config=config)
+        if prediction is not None or config is not None:
+            raise DreamlabError(f"{root} is a model folder: its scheduler_config.json says its prediction type and "
+                                "its configs are its own (prediction and config are for single-file checkpoints)")
+        spec = read_spec(root)
+        if spec.cascade is not None:
+            return _load_cascade(root, spec, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        return _load_folder(root, spec, explicit=explicit, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+@contextmanager
+def _loading_threads():
+    """One intra-op thread while weights load, where that cannot touch anyone else's work.
+
+    Loading is hundreds of small copies (diffusers casts each fp16 tensor to the model's dtype one by one):
+    a second thread buys nothing at these sizes, and on a busy machine every copy waits at its barrier for
+    a descheduled thread (docs/benchmarks.md, Start-up: the default model's UNet took 0.8 s of CPU with 2
+    threads on a loaded 2-core machine, 0.07 s with 1). The copies are exact, so the weights are the same.
+    The thread count is process-wide and sampling results depend on it, so it is left alone whenever
+    another Python thread is alive (a server sampling while a model loads), and restored afterwards."""
+    n = torch.get_num_threads()
+    if n == 1 or threading.active_count() > 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _load_folder(
@@ -157,8 +181,6 @@ def _load_folder(
 ) -> ModelBundle:
     """One model folder. ``text_encoder``: an encoder already loaded for what ``spec`` names (a cascade's
     two stages share the packaged one), used instead of loading it again."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     if not (root / "unet").is_dir():
         if explicit:
             raise ModelNotFoundError(f"no model at {root} (expected a diffusers-format folder with unet/)")
@@ -170,6 +192,7 @@ def _load_folder(
     if not sched_file.exists():
         raise ModelNotFoundError(f"{root} has no scheduler/scheduler_config.json (the training noise schedule)")
     sched_cfg = json.loads(sched_file.read_text())
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # after the checks: a wrong path fails fast
 
     try:
         unet = UNet2DConditionModel.from_pretrained(
