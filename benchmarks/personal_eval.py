@@ -14,6 +14,9 @@ measure with the judge (the emoji classifier shipped beside the model) in place 
 - prompt fidelity: for a style, the judge's top-5 names the emoji of a held-out prompt ("strawberry, wcw
   style"); for a subject, the cosine between its context images and the base model's images of the same
   context on the class ("a cat face with a crown"): the context still shows.
+- palette distance: L1 between the colour histograms of the generated images and the set's (0..2, lower
+  is closer), against the base model's: the judge is trained to name an emoji whatever its style (Noto
+  and Twemoji alike), so its features barely see a style; colours do.
 - prior: (subjects, LoRA and DreamBooth-LoRA) the class prompt alone after fine-tuning, its cosine to the
   base model's class images: 1 = the class kept its look, lower = the subject leaked into the class.
 Trainings and scores are kept in --runs and reused, so the script resumes where it stopped.
@@ -56,6 +59,23 @@ def _features(judge, images) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b.T).mean())
+
+
+def _palette(images) -> np.ndarray:
+    """The mean colour histogram (8 bins a channel) of the opaque pixels of ``images``, normalised."""
+    h = np.zeros(512)
+    for im in images:
+        a = np.asarray(im.convert("RGBA"))
+        rgb = a[a[..., 3] > 128][:, :3] // 32
+        idx = rgb[:, 0] * 64 + rgb[:, 1] * 8 + rgb[:, 2]
+        h += np.bincount(idx, minlength=512) / max(1, len(idx))
+    return h / max(1, len(images))
+
+
+def palette_distance(images, refs) -> float:
+    """L1 distance (0..2) between the colour histograms of two image sets: the look a judge trained to
+    ignore style (Noto against Twemoji) does not see. Lower is closer."""
+    return float(np.abs(_palette(images) - _palette(refs)).sum())
 
 
 def _prompts(s, method: str) -> tuple[str, list[str]]:
@@ -127,8 +147,10 @@ def score(model, judge, labels, s, method: str, folder: Path, base_cache: dict) 
         model.adapters.registered["embedding"].clear()
         model.adapters.registered["lora"].clear()
     gf, logits = _features(judge, imgs)
+    ref_imgs = [Image.open(p) for p in s.images]
     row = {"set": s.name, "kind": s.kind, "method": method, "subject_fidelity": _cos(gf, refs),
-           "base_subject_fidelity": _cos(bf, refs)}
+           "base_subject_fidelity": _cos(bf, refs), "palette_distance": palette_distance(imgs, ref_imgs),
+           "base_palette_distance": palette_distance(base_imgs, ref_imgs)}
     if s.kind == "style":
         names = [p.rsplit(",", 1)[0].strip() for p in s.eval_class_prompts for _ in SEEDS]
         idx = torch.tensor([labels.get(n, -1) for n in names])
@@ -319,10 +341,11 @@ def _plot_curve(curve: dict, path: Path) -> None:
     for key, points in curve.items():
         ax.plot([p["seconds"] / 60 for p in points], [p["subject_fidelity"] for p in points], marker="o", label=key)
         ax.axhline(points[0]["base_subject_fidelity"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
-    ax.set_xlabel("training minutes on 2 CPU cores")
+    ax.set_xlabel("training minutes (1 CPU thread, beside another run)")
     ax.set_ylabel("subject fidelity (judge cosine)")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
 
