@@ -23,7 +23,8 @@ def test_shipped_files_match_their_checksums_and_fit_the_budget():
     assert set(listed) == on_disk, "weights/ and weights/SHA256SUMS disagree: run `dreamlab ship` again"
     for rel, digest in listed.items():
         assert sha256_file(WEIGHTS / rel) == digest, f"{rel} does not match SHA256SUMS"
-    assert sum((WEIGHTS / rel).stat().st_size for rel in listed) <= 40 * 2**20  # the budget
+    # this round's budget: every shipped network (default model, judge, ControlNets, students) under 120 MB
+    assert sum((WEIGHTS / rel).stat().st_size for rel in listed) <= 120 * 2**20
     card = (WEIGHTS / "default" / "MODEL_CARD.md").read_text()
     assert "License" in card and "top-5" in card
 

@@ -287,8 +287,24 @@ def test_server_lists_installed_adapters_and_refuses_unknown_loras(tiny_dir, tmp
         assert r.status_code == 422 and "no LoRA named 'nope'" in r.json()["detail"]
         r = client.post("/api/jobs", json={"prompt": "red apple", "steps": 2, "loras": [{"name": "../loras", "scale": 1}]})
         assert r.status_code == 422
-        r = client.post("/api/jobs", json={"prompt": "red apple <lora:style-x:0.5>", "steps": 2, "seed": 0})
-        assert r.status_code in (200, 201, 202), r.text
+        def png(body):
+            import io
+            import time
+
+            r = client.post("/api/jobs", json=body)
+            assert r.status_code in (200, 201, 202), r.text
+            deadline = time.monotonic() + 60
+            while (job := client.get(f"/api/jobs/{r.json()['id']}").json())["state"] not in ("done", "failed", "cancelled"):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert job["state"] == "done", job
+            return np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content)))
+
+        plain = {"prompt": "red apple", "steps": 3, "seed": 0}
+        before = png(plain)
+        with_lora = png({**plain, "prompt": "red apple <lora:style-x:1.5>"})
+        after = png(plain)  # the next job: the LoRA is gone from the shared model
+        assert not np.array_equal(with_lora, before) and np.array_equal(after, before)
 
 
 def test_ui_picker_writes_the_a1111_syntax():
