@@ -37,6 +37,8 @@ def lora_fields(args: argparse.Namespace) -> list[dict]:
     for spec in getattr(args, "lora", None) or []:
         target, scale = _split(spec)
         path = Path(target).expanduser()
+        if not path.exists() and ("/" in target or target.endswith(".safetensors")):
+            raise DreamlabError(f"--lora {spec}: no such file or folder")
         out.append({"name": adapter_name(path) if path.exists() else target, "scale": scale})
     return out
 

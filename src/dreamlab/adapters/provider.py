@@ -67,9 +67,9 @@ def adapter_patches(model, req) -> list[Patch]:
         weights = adapters.lora(lo.name)
         path = adapters.lora_path(lo.name)
         record = AdapterRecord(kind="lora", name=lo.name, source=str(path), files=_files(path), scale=lo.scale)
-        for target, deltas in lora_deltas(weights, model).items():
-            patches.append(Recorded(WeightDelta(deltas, lo.scale, target), record) if target == "unet"
-                           else WeightDelta(deltas, lo.scale, target))
+        for k, (target, deltas) in enumerate(lora_deltas(weights, model).items()):
+            patch = WeightDelta(deltas, lo.scale, target)
+            patches.append(Recorded(patch, record) if k == 0 else patch)  # one record per LoRA
     return patches
 
 
