@@ -88,10 +88,11 @@ class AdapterSet:
         return path
 
     def lora(self, name: str):
+        """(the LoRA named ``name``, read once per file version; the path it was read from)."""
         from .lora import read_lora
 
         path = self.lora_path(name)
-        return self._read(path, lambda: read_lora(path, allow_pickle=self.allow_pickle))
+        return self._read(path, lambda: read_lora(path, allow_pickle=self.allow_pickle)), path
 
     def embedding(self, path: Path):
         from .embedding import embedding_file, read_embedding

@@ -64,8 +64,7 @@ def adapter_patches(model, req) -> list[Patch]:
             record = AdapterRecord(kind="embedding", name=token, source=str(path), files=_files(path))
             patches.append(Recorded(TokenEmbeddings({token: emb.vectors}), record))
     for lo in req.loras:
-        weights = adapters.lora(lo.name)
-        path = adapters.lora_path(lo.name)
+        weights, path = adapters.lora(lo.name)
         record = AdapterRecord(kind="lora", name=lo.name, source=str(path), files=_files(path), scale=lo.scale)
         for k, (target, deltas) in enumerate(lora_deltas(weights, model).items()):
             patch = WeightDelta(deltas, lo.scale, target)

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -149,8 +149,3 @@ def base_model(base: str | None, device: str = "auto"):
     root = Path(base).expanduser() if base else default_model_dir()
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     return load_model(root, device=dev)
-
-
-def fixed_batch_loss(loss_fn: Callable[[], Tensor]) -> float:
-    with torch.no_grad():
-        return float(loss_fn())
