@@ -94,8 +94,9 @@ def evaluate_controlnet(model, folder: Path | None, condition: str, data: str, *
 
 
 def evaluate_run(model, run: Path, condition: str, data: str, **kw) -> list[dict]:
-    """Fidelity of every snapshot of a run (scale 1), cached in ``run/fidelity.jsonl``, and a plot."""
-    cache = run / "fidelity.jsonl"
+    """Fidelity of every snapshot of a run (scale 1), cached per settings in ``run/fidelity-*.jsonl``, and a plot."""
+    tag = f"n{kw.get('n', 48)}-steps{kw.get('steps', 20)}-{'caption' if kw.get('prompt', True) else 'empty'}"
+    cache = run / f"fidelity-{tag}.jsonl"
     done = {json.loads(line)["step"]: json.loads(line) for line in cache.read_text().splitlines()} if cache.exists() else {}
     points = [done.get(0) or {"step": 0, **evaluate_controlnet(model, None, condition, data, **kw)["0"]}]
     if 0 not in done:
@@ -108,7 +109,7 @@ def evaluate_run(model, run: Path, condition: str, data: str, **kw) -> list[dict
             with open(cache, "a") as f:
                 f.write(json.dumps(done[step]) + "\n")
         points.append(done[step])
-    _plot(points, run / "fidelity.png", condition)
+    _plot(points, run / f"fidelity-{tag}.png", condition)
     return points
 
 
