@@ -102,7 +102,7 @@ def tiny(tmp_path_factory):
 
 # the form's edit, control and collage inputs, left empty (edit target, picture, blend words, reweight, auto mask,
 # control image, condition, scale, preprocess, collage layout, collage editor)
-NO_EXTRAS = ["", None, "", "", False, None, None, 1.0, False, '{"layers": []}', None]
+NO_EXTRAS = ["", None, "", "", False, None, None, 1.0, False, '{"layers": []}', None, None, 1.5]
 
 
 def call(client, data):
@@ -190,7 +190,7 @@ def test_a_super_resolution_model_gets_an_upscale_tab_that_enlarges_an_upload(tm
         tabs = {c["props"].get("elem_id"): c["props"].get("visible") for c in client.get("/config").json()["components"]
                 if c.get("type") == "tabitem"}
         assert tabs == {"tab-upscale": True, "tab-txt2img": False, "tab-img2img": False, "tab-inpaint": False, "tab-edit": False,
-                    "tab-collage": False}
+                    "tab-collage": False, "tab-instruct": False}
         buf = io.BytesIO()
         rgba((8, 8)).save(buf, format="PNG")
         (path,) = client.post("/gradio_api/upload", files={"files": ("low.png", buf.getvalue(), "image/png")}).json()
@@ -237,3 +237,15 @@ def test_a_bad_collage_layout_gets_one_line_naming_the_layer(text, needle):
     with pytest.raises(InvalidRequestError, match=needle) as e:
         build_request(**{**FORM, "mode": "collage"}, collage_layout=text, collage_state=EditorState(16, 16).dumps())
     assert "\n" not in str(e.value)
+
+
+def test_the_instruct_tab_sends_the_picture_and_both_guidance_scales(tmp_path):
+    path = tmp_path / "src.png"
+    rgba().save(path)
+    req = build_request(**{**FORM, "mode": "instruct", "prompt": "make it green"}, instruct_path=str(path), image_cfg=1.25)
+    assert base64.b64decode(req.source_image) == path.read_bytes()
+    assert req.image_cfg_scale == 1.25 and req.cfg_scale == 5 and req.prompt == "make it green"
+    with pytest.raises(InvalidRequestError, match="upload the image to edit"):
+        build_request(**{**FORM, "mode": "instruct"})
+    with pytest.raises(InvalidRequestError, match="write the instruction"):
+        build_request(**{**FORM, "mode": "instruct", "prompt": " "}, instruct_path=str(path))

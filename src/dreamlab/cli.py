@@ -42,6 +42,7 @@ def cmd_generate(args: argparse.Namespace, model=None) -> int:
         "batch": args.batch,
         "strength": args.strength,
         "noise_level": getattr(args, "noise_level", None),
+        "image_cfg_scale": getattr(args, "image_cfg", None),
         **{i.field: encode_image(path) for i in INPUTS if (path := getattr(args, i.dest, None))},
     }
     fields["controls"] = _controls(args)
@@ -126,6 +127,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return cmd_generate(args, model=model)
 
 
+def cmd_instruct(args: argparse.Namespace) -> int:
+    """`dreamlab instruct IMAGE "make it green"`: generate with the image as an instruction model's source."""
+    args.source_image, args.prompt = args.image, args.instruction
+    return cmd_generate(args)
+
+
 def cmd_cascade(args: argparse.Namespace) -> int:
     from .train.ship import assemble_cascade
 
@@ -198,12 +205,17 @@ cmd_train_unet = _train("exported model", ".train.unet", "UNetConfig", "train_un
 cmd_train_judge = _train("judge", ".eval.judge", "JudgeConfig", "train_judge")
 cmd_train_controlnet = _train("exported ControlNet", ".train.controlnet", "ControlNetConfig", "train_controlnet")
 cmd_train_distill = _train("exported student", ".train.distill", "DistillConfig", "train_distill")
+cmd_train_instruct = _train("exported instruction model", ".train.instruct", "InstructConfig", "train_instruct")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.evaluate import EvalConfig, curve_file, evaluate, evaluate_run, format_table, save_result
 
     cfg = _config(EvalConfig, args)
+    from .loading.model import named_model, read_spec
+
+    if cfg.model and not cfg.run and (root := named_model(cfg.model)).is_dir() and "source_image" in read_spec(root).inputs:
+        return _eval_instruct(cfg, root, args)
     if cfg.run:
         points = evaluate_run(cfg, cfg.run)
         print(f"{len(points)} snapshots scored; curve written to {curve_file(cfg, cfg.run).with_suffix('.png')}")
@@ -214,6 +226,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{result['seconds_per_image']:.2f} s per generated image")
     if args.json:
         save_result(result, Path(args.json))
+    return 0
+
+
+def _eval_instruct(cfg, root: Path, args: argparse.Namespace) -> int:
+    """`dreamlab eval --model INSTRUCTION_MODEL`: held-out edits at the model's own guidance (docs/control.md)."""
+    import json
+
+    from .eval.instruct import evaluate_instruct
+    from .loading.model import load_model
+
+    result = evaluate_instruct(load_model(root), cfg.data, n=cfg.prompts, steps=cfg.steps, judge_dir=cfg.judge, seed=cfg.seed)
+    print(f"{result['n']} held-out edits at s_I {result['image_scale']:g}, s_T {result['text_scale']:g}: edit achieved "
+          f"(judge top-5 of the target) {result['edit_top5']:.3f} (the unedited sources: {result['sources']['edit_top5']:.3f}); "
+          f"source kept: judge-feature cosine {result['cos']:.3f}, alpha IoU {result['iou']:.3f}; "
+          f"{result['seconds_per_edit']:.2f} s per edit")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 
@@ -277,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_options(g)
     g.add_argument("--noise-level", type=int, help="super-resolution: noise added to the low-res input, a timestep 0..999")
+    g.add_argument("--image-cfg", type=float, help="instruction-editing models: image guidance scale s_I (default: the model's)")
     g.add_argument("--model", help="model folder (diffusers format) or single-file SD checkpoint (.safetensors); "
                    "default: the installed default model")
     g.add_argument("--prediction", choices=("epsilon", "v"),
@@ -304,6 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
     u.add_argument("-q", "--quiet", action="store_true")
     u.set_defaults(func=cmd_upscale, prediction=None, rescale=None, eta=None, dynamic_threshold=None, init_image=None, strength=None, mask=None)
+
+    ins = sub.add_parser("instruct", help="edit an image by an instruction (InstructPix2Pix): \"make it green\"")
+    ins.add_argument("image", help="the image to edit")
+    ins.add_argument("instruction", help='what to change, e.g. "make it green", "turn the cat into a dog"')
+    ins.add_argument("-o", "--output", default="instruct.png", help="PNG path; a batch writes NAME-0.png, NAME-1.png, ...")
+    ins.add_argument("--image-cfg", type=float, help="image guidance s_I: higher keeps more of the source (default: the model's, 1.5)")
+    ins.add_argument("--cfg", type=float, help="text guidance s_T: higher follows the instruction more (default: the model's, 5)")
+    ins.add_argument("-n", "--negative", help="negative prompt")
+    for flag, kind in (("--seed", int), ("--steps", int), ("--sampler", str), ("--schedule", str), ("--width", int),
+                       ("--height", int), ("--batch", int), ("--threads", int)):
+        ins.add_argument(flag, type=kind)
+    ins.add_argument("--model", default="instruct", help="an instruction-editing model folder (default: the shipped one)")
+    ins.add_argument("--device", default="cpu")
+    ins.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
+    ins.add_argument("-q", "--quiet", action="store_true")
+    ins.set_defaults(func=cmd_instruct, prediction=None, rescale=None, eta=None, dynamic_threshold=None, strength=None)
 
     ca = sub.add_parser("cascade", help="assemble a cascade folder from a base model and a super-resolution stage")
     ca.add_argument("base", help="text-to-image model folder (e.g. trained with --resolution 32)")
@@ -350,11 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.emoji import add_cli as add_emoji_cli
     from .data.personal import add_cli as add_personal_cli
-    from .settings import ControlNetConfig, DistillConfig, EvalConfig, JudgeConfig, UNetConfig, VAEConfig
+    from .data.instruct import add_cli as add_instruct_data_cli
+    from .settings import ControlNetConfig, DistillConfig, EvalConfig, InstructConfig, JudgeConfig, UNetConfig, VAEConfig
 
     data = sub.add_parser("data", help="build training data").add_subparsers(dest="dataset", required=True)
     add_emoji_cli(data)
     add_personal_cli(data)
+    add_instruct_data_cli(data)
 
     train = sub.add_parser("train", help="train models (resumes from the last checkpoint in --out)")
     tsub = train.add_subparsers(dest="model", required=True)
@@ -374,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(td, DistillConfig, required=("data", "out"))
     td.add_argument("--threads", type=int)
     td.set_defaults(func=cmd_train_distill)
+    ti = tsub.add_parser("instruct", help="an instruction-editing model (InstructPix2Pix) from the default model")
+    add_dataclass_args(ti, InstructConfig, required=("data", "out"))
+    ti.add_argument("--threads", type=int)
+    ti.set_defaults(func=cmd_train_instruct)
 
     from .adapters_cli import add_cli as add_adapters_cli
     from .adapters_cli import add_train_cli as add_adapter_train_cli

@@ -53,6 +53,9 @@ def check_edit(model: ModelBundle, req: GenerationRequest) -> None:
         raise InvalidRequestError(f"editing follows the denoising path step by step (and inverts images along it); "
                                   f"{model.name} is a consistency student, whose every step jumps to its end: edit with "
                                   f"its teacher {model.student.teacher or ''}".rstrip())
+    if "source_image" in model.inputs:
+        raise InvalidRequestError(f"{model.name} edits by instruction (`dreamlab instruct`); prompt-to-prompt editing "
+                                  "runs on text-to-image models")
     if len(split_prompt(req.prompt)) > 1 or len(split_prompt(spec.target)) > 1:
         raise InvalidRequestError("editing takes plain prompts, not prompts composed with AND")
     if req.mask_image is not None or req.controls:

@@ -82,13 +82,26 @@ class StageInput(Protocol):
     def model_wrapper(self, i: int, noise: NoiseSource, sigmas: torch.Tensor) -> ModelWrapper: ...
 
 
+def route(model: ModelBundle, req: GenerationRequest) -> ModelBundle:
+    """The model that runs ``req``: ``model``, or, for a request with a source image to edit by instruction
+    when ``model`` takes none, the instruction-editing model made from it (``ModelBundle.instruction_model``),
+    so that `generate --source-image`, the HTTP API and the web UI reach it through the default model."""
+    if req.source_image is not None and "source_image" not in model.inputs and model.sr is None \
+            and model.upscaler is None:
+        return model.instruction_model() or model
+    return model
+
+
 def resolve(model: ModelBundle, req: GenerationRequest) -> GenerationRequest:
     """The request with the model's defaults in place of what it leaves unset (sampler, steps, CFG, schedule)."""
+    model = route(model, req)
     d = model.defaults
     # editing a given image inverts it: it samples deterministically (DDIM) unless told otherwise
     sampler = "ddim" if req.edit is not None and req.init_image is not None else d.sampler
     unset = {k: v for k, v in (("sampler", sampler), ("steps", d.steps), ("cfg_scale", d.cfg_scale),
                                ("schedule", d.schedule)) if getattr(req, k) is None}
+    if "source_image" in model.inputs and req.image_cfg_scale is None:
+        unset["image_cfg_scale"] = d.image_cfg_scale
     return req.model_copy(update=unset) if unset else req
 
 
@@ -128,6 +141,7 @@ def _upscale(model: ModelBundle) -> int:
 def check_request(model: ModelBundle, req: GenerationRequest) -> tuple[int, int]:
     """What a valid request can still get wrong against a particular model; the output (width, height).
     Raises InvalidRequestError. Cheap: decodes no image and runs no network."""
+    model = route(model, req)
     req = resolve(model, req)
     final = model.upscaler or model
     width, height = req.width or final.sample_size, req.height or final.sample_size
@@ -288,6 +302,7 @@ def generate(model: ModelBundle, request: GenerationRequest, *, on_step: StepCal
     A cascade (``model.upscaler``) runs its base model at 1/k of the output size, then its
     super-resolution stage on each image, with noise from ``stream_seed(seed + i, SR_STAGE_STREAM)``.
     """
+    model = route(model, request)
     req = resolve(model, request)
     width, height = check_request(model, req)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)

@@ -29,5 +29,8 @@ INPUTS: tuple[InputImage, ...] = (
                "made with a mask"),
     InputImage("lowres_image", "--lowres-image", "low-res input",
                "super-resolution models: the image file to enlarge (see `dreamlab upscale`)", "enlarged from a low-res input"),
+    InputImage("source_image", "--source-image", "source image",
+               "instruction-editing models: the image file the prompt edits (see `dreamlab instruct`)",
+               "edited from a source image by an instruction"),
 )
 INPUT_IMAGES = tuple(i.field for i in INPUTS)  # request fields that carry an image

@@ -232,6 +232,13 @@ class GenerationRequest(BaseModel):
     noise_level: int | None = Field(
         None, ge=0, le=999, description="super-resolution: noise added to the low-res input (a timestep); None = the model's"
     )
+    source_image: str | None = Field(
+        None, max_length=MAX_IMAGE_B64_CHARS, description="instruction-editing models: the image the prompt (an "
+        "instruction, 'make it green') edits, base64"
+    )
+    image_cfg_scale: float | None = Field(
+        None, ge=0.0, le=50.0, description="instruction editing: image guidance scale s_I (1 = none); None = the model's"
+    )
     controls: list[ControlRequest] = Field(default_factory=list, max_length=MAX_CONTROLS,
                                            description="ControlNet controls; their residuals add up")
     edit: EditSpec | None = Field(None, description="edit the prompt's image by editing the prompt (prompt-to-prompt)")

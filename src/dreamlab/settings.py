@@ -131,6 +131,32 @@ class ControlNetConfig:
     device: str = "auto"
 
 
+@dataclass
+class InstructConfig:
+    """An instruction-editing model (InstructPix2Pix) fine-tuned from the frozen default model on the pairs
+    of `dreamlab data instruct` (docs/control.md)."""
+
+    data: str  # pairs folder (dreamlab data instruct --out)
+    out: str  # run folder
+    base: str | None = None  # the model it starts from (default: the shipped default model)
+    name: str = "dreamlab-instruct"  # the exported model's name
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    dropout: float = 0.05  # each of: instruction dropped, image dropped, both dropped (Brooks et al.: 5%)
+    min_snr_gamma: float | None = 5.0
+    ema_decay: float = 0.999
+    holdout: int = 0  # every holdout-th pair (by id) is kept out of training (0: none)
+    ckpt_every: int = 250
+    snapshot_every: int = 500
+    log_every: int = 20
+    init: str | None = None  # when --out has no checkpoint: an exported instruction model to continue from
+    seed: int = 0
+    device: str = "auto"
+
+
 # --- personalization (docs/personalization.md) -------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..control.instruct import check_instruct, takes_source
 from ..core.guiders import CFG, FoldedCFG, guide
 from ..core.types import Cond, DenoiseFn
 from ..errors import InvalidRequestError
@@ -73,6 +74,7 @@ def _check_folded(model, req) -> None:
 def check(model, req, width: int, height: int) -> None:
     """What a composition request can get wrong, in one line (no image decoded, no network run)."""
     f = model.space.factor
+    check_instruct(model, req)
     if getattr(model, "takes_guidance", False):
         _check_folded(model, req)
     for k, r in enumerate(req.regions):
@@ -109,6 +111,8 @@ def build(model, req, width: int, height: int, decode) -> Plan:
     f = model.space.factor
     h, w = height // f, width // f
     parts = _split(req.prompt)
+    if takes_source(model):  # instruction editing: the source in every row's concat, image and text guidance
+        return _instruct(model, req, width, height, decode)
     guided = model.text_encoder is not None and (req.cfg_scale != 1.0 or len(parts) > 1)
     uncond = model.encode_prompts([req.negative_prompt]) if guided else None
     tiles: list = [None]
@@ -141,6 +145,15 @@ def build(model, req, width: int, height: int, decode) -> Plan:
     else:
         guiders = [lambda: None for _ in cells]
     return Plan(cells, [cond], guiders, _ilvr(model, req, width, height, decode), notes)
+
+
+def _instruct(model, req, width: int, height: int, decode) -> Plan:
+    from ..control.instruct import image_scale, instruct_cond, instruct_guider, source_latents
+
+    cond = instruct_cond(model.encode_prompts([req.prompt]), source_latents(model, req, width, height, decode))
+    guided = model.text_encoder is not None and (req.cfg_scale != 1.0 or image_scale(model, req) != 1.0)
+    uncond = model.encode_prompts([req.negative_prompt]) if guided else None
+    return Plan([Cell(None)], [cond], [instruct_guider(model, req, uncond)])
 
 
 def _regional(uncond, conds, masks, tile, scale):

@@ -71,6 +71,7 @@ class DefaultsSpec(BaseModel):
     steps: int | None = Field(None, ge=1, le=1000)
     cfg_scale: float | None = Field(None, ge=0.0, le=50.0)
     schedule: Spacing | None = None
+    image_cfg_scale: float | None = Field(None, ge=0.0, le=50.0)  # instruction-editing models: s_I
 
     @field_validator("sampler")
     @classmethod
@@ -125,6 +126,38 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "weights" / "default"
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
+NAMED_MODELS = ("default", "instruct", "fast")  # folders of the package's weights/ that --model names
+
+
+def named_model(path: str | Path) -> Path:
+    """``--model``'s folder: a path, or the name of a model shipped in the package (``default``,
+    ``instruct``, ``fast``: ``weights/NAME``), when nothing of that name is in the working directory."""
+    p = Path(path).expanduser()
+    name = str(path)
+    if p.exists() or name not in NAMED_MODELS:
+        return p
+    return default_model_dir() if name == "default" else SHIPPED_DIR / name
+
+
+def installed_instruct_models(base_unet: str | None) -> list[Path]:
+    """Folders of the package's weights/ (and of $DREAMLAB_MODELS, a colon-separated list of folders of
+    model folders) holding an instruction-editing model made from the UNet whose sha256 is ``base_unet``."""
+    if base_unet is None:
+        return []
+    roots = [SHIPPED_DIR, *(Path(p).expanduser() for p in os.environ.get("DREAMLAB_MODELS", "").split(os.pathsep) if p)]
+    found = []
+    for root in roots:
+        for folder in sorted(root.glob("*")) if root.is_dir() else []:
+            try:
+                spec = json.loads((folder / "dreamlab.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(spec, dict) and (spec.get("instruct") or {}).get("base_unet") == base_unet:
+                found.append(folder)
+    return found
+
+
 def load_model(
     path: str | Path | None = None,
     *,
@@ -138,7 +171,7 @@ def load_model(
     For a checkpoint, ``prediction`` overrides what the file says or implies (SD 2.x: v unless told) and
     ``config`` is a diffusers folder whose configs to use instead of the bundled ones."""
     explicit = path is not None
-    root = Path(path).expanduser() if explicit else default_model_dir()
+    root = named_model(path) if explicit else default_model_dir()
     with _loading_threads():
         if root.is_file() or root.suffix.lower() in CHECKPOINT_SUFFIXES:
             from .single_file import load_single_file

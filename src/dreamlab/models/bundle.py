@@ -45,6 +45,7 @@ class Defaults:
     steps: int = 30
     cfg_scale: float = 5.0
     schedule: str = "karras"
+    image_cfg_scale: float = 1.5  # instruction-editing models only: the image guidance scale s_I
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class ModelBundle:
     adapters: AdapterSet = field(default_factory=AdapterSet)  # LoRAs and embeddings it can use (shared by views)
     applied_adapters: list = field(default_factory=list)  # a view's: AdapterRecords of what its patches applied
     _controlnets: dict[str, tuple] = field(default_factory=dict, repr=False)  # loaded ones, shared by the views
+    instruct_dir: Path | None = None  # the instruction-editing model made from this one, given explicitly
+    _editor: list = field(default_factory=list, repr=False)  # [ModelBundle | None] once looked up, shared by the views
 
     @property
     def device(self) -> torch.device:
@@ -150,6 +153,19 @@ class ModelBundle:
                                             also=self._teacher_unets)
             self._controlnets[condition] = (net, folder, files)
         return self._controlnets[condition]
+
+    def instruction_model(self) -> "ModelBundle | None":
+        """The instruction-editing model (InstructPix2Pix) made from this one, loaded once and shared by the
+        views: ``instruct_dir``, else an installed one whose dreamlab.json names this UNet's sha256 as its
+        base (``instruct.base_unet``, found as ControlNets are). A request with a source image for a model
+        that takes none goes to it (``generate.route``); None if there is none."""
+        if not self._editor:
+            from ..loading.model import installed_instruct_models, load_model
+            from .controlnet import base_hash
+
+            folder = self.instruct_dir or next(iter(installed_instruct_models(base_hash(self.files))), None)
+            self._editor.append(load_model(folder, device=self.device, dtype=self.dtype) if folder else None)
+        return self._editor[0]
 
     def clone(self) -> "ModelBundle":
         """A view of this model for one request: it shares the networks (no weights are copied); patches

@@ -116,6 +116,8 @@ def build_request(
     control_preprocess: bool = False,
     collage_layout: str = "",
     collage_state: str | None = None,
+    instruct_path: str | None = None,
+    image_cfg: float = 1.5,
 ) -> GenerationRequest:
     """The form's values -> a validated GenerationRequest (the schema's checks; the server's come at submit).
     Seed blank or negative: random. img2img and upscale send the uploaded file's bytes as they are; upscale
@@ -157,6 +159,13 @@ def build_request(
             fields["sampler"] = "ddim"
     elif mode == "collage":
         fields["collage"] = collage_spec(collage_layout, collage_state)
+    elif mode == "instruct":
+        if not instruct_path:
+            raise InvalidRequestError("instruct: upload the image to edit first")
+        if not (prompt or "").strip():
+            raise InvalidRequestError("instruct: write the instruction in the prompt, e.g. \"make it green\"")
+        fields["source_image"] = base64.b64encode(Path(instruct_path).read_bytes()).decode("ascii")
+        fields["image_cfg_scale"] = float(image_cfg)
     elif mode != "txt2img":
         raise InvalidRequestError(f"unknown mode {mode!r}")
     if control_path and mode in ("txt2img", "img2img", "inpaint"):
@@ -224,14 +233,14 @@ def build_ui(srv: Service) -> gr.Blocks:
                   init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level,
                   edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
                   control_path, control_condition, control_scale, control_preprocess, collage_layout,
-                  collage_state) -> AsyncIterator[tuple]:
+                  collage_state, instruct_path, image_cfg) -> AsyncIterator[tuple]:
         """Submit like POST /api/jobs, then follow the job: (progress, preview, results, job id)."""
         try:
             req = build_request(mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
                                 init_path, img2img_strength, editor, inpaint_strength, lowres_path, noise_level,
                                 edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
                                 control_path, control_condition, control_scale, control_preprocess, collage_layout,
-                                collage_state)
+                                collage_state, instruct_path, image_cfg)
             job = await asyncio.to_thread(srv.submit, req)
         except (DreamlabError, QueueFullError, QueueUnavailableError) as e:
             raise gr.Error(str(e), print_exception=False) from None
@@ -342,6 +351,17 @@ def build_ui(srv: Service) -> gr.Blocks:
                                     "optionally an image; the prompt above is the scene's. Results: the harmonised scene, "
                                     "the layers restacked, each layer (RGBA).")
                         collage_state, collage_layout = collage_editor(model.sample_size, default_side, default_side)
+                    editor_model = model if "source_image" in model.inputs else model.instruction_model()
+                    with gr.Tab("Instruct", id="instruct", elem_id="tab-instruct",
+                                visible=not is_sr and editor_model is not None) as tab_instruct:
+                        gr.Markdown("Edit a picture by an instruction (InstructPix2Pix): write it in the prompt, "
+                                    "e.g. *make it green*, *turn the cat into a dog*. Image guidance keeps the "
+                                    "picture; the guidance scale below follows the instruction."
+                                    + (f" Model: **{html.escape(editor_model.name)}**." if editor_model is not None else ""))
+                        instruct_image = gr.Image(label="Picture to edit", type="filepath", image_mode=None,
+                                                  sources=["upload", "clipboard"], height=220, elem_id="instruct-image")
+                        image_cfg = gr.Slider(0, 5, value=editor_model.defaults.image_cfg_scale if editor_model else 1.5,
+                                              step=0.05, label="Image guidance s_I", elem_id="image-cfg")
                 conditions = sorted(model.controlnets())
                 with gr.Group(elem_id="control"):
                     control_path = gr.Image(label="Control image (ControlNet)" if conditions else "Control image (no ControlNet installed)",
@@ -385,13 +405,13 @@ def build_ui(srv: Service) -> gr.Blocks:
             delete_btn = gr.Button("Delete selected", variant="stop", scale=1, elem_id="delete")
 
         for tab, name in ((tab_txt, "txt2img"), (tab_img, "img2img"), (tab_inp, "inpaint"), (tab_up, "upscale"),
-                          (tab_edit, "edit"), (tab_collage, "collage")):
+                          (tab_edit, "edit"), (tab_collage, "collage"), (tab_instruct, "instruct")):
             tab.select(lambda name=name: name, None, mode, queue=False, show_progress="hidden", api_visibility="private")
         inputs = [mode, prompt, negative, sampler, schedule, steps, cfg, seed, batch, width, height,
                   init, img2img_strength, editor, inpaint_strength, lowres, noise_level,
                   edit_target, edit_image, edit_blend, edit_reweight, edit_auto_mask,
                   control_path, control_condition, control_scale, control_preprocess, collage_layout,
-                  collage_state]
+                  collage_state, instruct_image, image_cfg]
         for size in (width, height):
             size.change(None, [collage_state, width, height], collage_state, js=RESIZE_JS, show_progress="hidden",
                         api_visibility="private")
