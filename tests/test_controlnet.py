@@ -166,3 +166,21 @@ def test_fidelity_metrics_on_known_maps():
     half[4, 8:] = False  # precision 1; recall 7/12 (the tolerance reaches one pixel past the cut)
     assert edge_f1(a, half) == pytest.approx(2 * (7 / 12) / (1 + 7 / 12))
     assert iou(a, half) == pytest.approx(0.5)
+
+
+def test_dreamlab_eval_scores_a_controlnet_over_scales(model, tiny_dir, tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from dreamlab.cli import main
+
+    folder = _controlnet(model, tmp_path / "cn", condition="shape", perturb=True)
+    fixture = Path(__file__).parent / "fixtures" / "emoji"
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--model", str(tiny_dir), "--controlnet", str(folder), "--data", str(fixture), "--prompts", "3",
+                 "--steps", "2", "--control-scales", "0,1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "shape at scale 0: silhouette IoU" in text and "shape at scale 1:" in text
+    scores = json.loads(out.read_text())
+    assert sorted(scores) == ["0", "1"] and all(s["n"] == 3 for s in scores.values())
+    assert main(["eval", "--model", str(tiny_dir), "--controlnet", str(folder), "--control-scales", "a"]) == 2

@@ -216,6 +216,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if cfg.model and not cfg.run and (root := named_model(cfg.model)).is_dir() and "source_image" in read_spec(root).inputs:
         return _eval_instruct(cfg, root, args)
+    if cfg.controlnet:
+        return _eval_controlnet(cfg, args)
     if cfg.run:
         points = evaluate_run(cfg, cfg.run)
         print(f"{len(points)} snapshots scored; curve written to {curve_file(cfg, cfg.run).with_suffix('.png')}")
@@ -243,6 +245,30 @@ def _eval_instruct(cfg, root: Path, args: argparse.Namespace) -> int:
           f"{result['seconds_per_edit']:.2f} s per edit")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _eval_controlnet(cfg, args: argparse.Namespace) -> int:
+    """`dreamlab eval --controlnet DIR`: control fidelity, FID and top-5 on held-out maps (docs/control.md)."""
+    import json
+
+    from .eval.control import evaluate_controlnet
+    from .loading.model import load_model
+    from .models.controlnet import read_controlnet_spec
+
+    folder = Path(cfg.controlnet).expanduser()
+    condition = read_controlnet_spec(folder).controlnet.condition
+    try:
+        scales = tuple(float(s) for s in cfg.control_scales.split(","))
+    except ValueError:
+        raise DreamlabError(f"--control-scales {cfg.control_scales!r}: comma-separated numbers, e.g. 0,0.5,1") from None
+    scores = evaluate_controlnet(load_model(cfg.model), folder, condition, cfg.data, n=cfg.prompts, scales=scales,
+                                 steps=cfg.steps, judge_dir=cfg.judge)
+    what = "edge F1" if condition == "canny" else "silhouette IoU"
+    for scale, s in scores.items():
+        print(f"{condition} at scale {scale}: {what} {s['fidelity']:.3f}, FID {s['fid']:.1f}, top-5 {s['top5']:.3f} ({s['n']} held-out maps)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=1))
     return 0
 
 

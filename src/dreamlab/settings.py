@@ -105,6 +105,8 @@ class EvalConfig:
     prompts_from: str = "test"  # "test": held-out renderings (the score); "train": trained ones (the gap)
     prompts_skip: int = 0  # leave out the first N prompts: tune settings on prompts the score does not use
     prompt_format: str = "{caption}"  # the prompt of each rendering, from PROMPT_FIELDS; the score's is {caption}
+    controlnet: str | None = None  # score this ControlNet (fidelity, FID, top-5 over control scales) instead
+    control_scales: str = "0,1"  # with --controlnet: comma-separated scales (0 = the model alone)
 
 
 @dataclass

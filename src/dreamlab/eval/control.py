@@ -47,6 +47,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def fidelity(condition: str, control: np.ndarray, image: Image.Image) -> float:
     from ..control.conditions import get_condition
 
+    h, w = control.shape[:2]
+    if image.size != (w, h):  # a model of another size: its image at the map's size
+        image = image.convert("RGBA").resize((w, h), Image.LANCZOS)
     out = get_condition(condition).preprocess(np.asarray(image.convert("RGBA")))[..., 0] > 0.5
     ctrl = control[..., 0] > 0.5
     return edge_f1(ctrl, out) if condition == "canny" else iou(ctrl, out)
