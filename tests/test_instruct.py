@@ -280,3 +280,22 @@ def test_dreamlab_eval_scores_an_instruction_model_on_held_out_edits(instruct_di
     scores = json.loads(out.read_text())
     assert scores["n"] == 3 and 0 <= scores["edit_top5"] <= 1 and scores["sources"]["cos"] == pytest.approx(1.0, abs=1e-5)
     assert scores["sources"]["iou"] == 1.0
+
+
+def test_balanced_drawing_gives_every_edit_kind_the_same_share():
+    from dreamlab.train.instruct import draw_batch, pair_weights
+
+    kind = torch.tensor([0] * 8 + [1] * 2)  # 8 pairs of one kind, 2 of another; both flips cached
+    n = 20
+    data = {"source": torch.arange(n).float().view(n, 1, 1, 1).expand(n, 4, 2, 2).contiguous(),
+            "edited_mean": torch.zeros(n, 4, 2, 2), "edited_std": torch.zeros(n, 4, 2, 2),
+            "row": torch.arange(10).repeat(2), "kind": kind, "tokens": torch.ones(10, 3, 4, dtype=torch.float16),
+            "mask": torch.ones(10, 3, dtype=torch.uint8), "empty_tokens": torch.zeros(1, 3, 4, dtype=torch.float16),
+            "empty_mask": torch.zeros(1, 3, dtype=torch.uint8)}
+    w = pair_weights(data, True)
+    assert float(w[kind[data["row"]] == 1].sum()) == pytest.approx(0.5)
+    assert torch.allclose(pair_weights(data, False), torch.full((n,), 1 / n, dtype=torch.float64))
+    _, source, *_ = draw_batch(data, 20000, 0.0, 1000, torch.Generator().manual_seed(0), w)
+    drawn = source[:, 0, 0, 0].long()
+    share = (kind[data["row"][drawn]] == 1).float().mean().item()
+    assert abs(share - 0.5) < 0.02

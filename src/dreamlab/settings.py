@@ -151,6 +151,7 @@ class InstructConfig:
     min_snr_gamma: float | None = 5.0
     ema_decay: float = 0.999
     holdout: int = 0  # every holdout-th pair (by id) is kept out of training (0: none)
+    balance_kinds: bool = True  # draw each edit kind (colour, swap, tone, ...) equally often
     ckpt_every: int = 250
     snapshot_every: int = 500
     log_every: int = 20

@@ -86,7 +86,7 @@ def build_cache(cfg: InstructConfig, model, cache: Path) -> dict[str, torch.Tens
     folder = Path(cfg.data).expanduser()
     if not any(folder.glob("pairs*.jsonl")):
         raise DreamlabError(f"no instruction pairs in {folder}: make them with `dreamlab data instruct --out {folder}`")
-    key = {"pairs": _pairs_key(folder), "unet": base_hash(model.files), "version": 1}
+    key = {"pairs": _pairs_key(folder), "unet": base_hash(model.files), "holdout": cfg.holdout, "version": 2}
     file, meta = cache / "pairs.safetensors", cache / "pairs.json"
     if file.exists() and meta.exists() and json.loads(meta.read_text()) == key:
         return load_file(str(file))
@@ -112,6 +112,8 @@ def build_cache(cfg: InstructConfig, model, cache: Path) -> dict[str, torch.Tens
     n = len(rows)
     order = [j for i in range(0, n, 64) for j in (list(range(i, min(i + 64, n))) * 2)]  # row of each latent
     texts = [r["instruction"] for r in rows]
+    kinds = sorted({r.get("kind", "") for r in rows})
+    kind = torch.tensor([kinds.index(r.get("kind", "")) for r in rows])
     toks, masks = [], []
     for i in range(0, n, 256):
         c = model.encode_prompts(texts[i:i + 256])
@@ -120,7 +122,7 @@ def build_cache(cfg: InstructConfig, model, cache: Path) -> dict[str, torch.Tens
     empty = model.encode_prompts([""])
     data = {"source": torch.cat(src_mean).contiguous(), "edited_mean": torch.cat(dst_mean).contiguous(),
             "edited_std": torch.cat(dst_std).contiguous(), "row": torch.tensor(order),
-            "tokens": torch.cat(toks).contiguous(), "mask": torch.cat(masks).contiguous(),
+            "tokens": torch.cat(toks).contiguous(), "mask": torch.cat(masks).contiguous(), "kind": kind,
             "empty_tokens": empty.tokens.half().contiguous(), "empty_mask": empty.mask.to(torch.uint8).contiguous()}
     save_file(data, str(file))
     meta.write_text(json.dumps(key))
@@ -128,11 +130,27 @@ def build_cache(cfg: InstructConfig, model, cache: Path) -> dict[str, torch.Tens
     return data
 
 
-def draw_batch(data: dict, batch: int, dropout: float, timesteps: int, gen: torch.Generator):
+def pair_weights(data: dict, balance: bool) -> torch.Tensor:
+    """Probability of drawing each cached latent: uniform, or (``balance``) uniform over the edit kinds, so
+    that the kinds the filter keeps most often (skin tones, styles) do not crowd out the others."""
+    n = data["source"].shape[0]
+    if not balance or "kind" not in data:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    kind = data["kind"][data["row"]]
+    counts = torch.bincount(kind).double()
+    w = 1.0 / counts[kind]
+    return w / w.sum()
+
+
+def draw_batch(data: dict, batch: int, dropout: float, timesteps: int, gen: torch.Generator,
+               weights: torch.Tensor | None = None):
     """(x0 edited, source latents, tokens, mask, t, noise): the instruction dropped for ``dropout`` of the
     examples, the image for another ``dropout``, both for a third."""
     n = data["source"].shape[0]
-    idx = torch.randint(n, (batch,), generator=gen)
+    if weights is None:
+        idx = torch.randint(n, (batch,), generator=gen)
+    else:
+        idx = torch.multinomial(weights, batch, replacement=True, generator=gen)
     x0 = data["edited_mean"][idx] + data["edited_std"][idx] * torch.randn(batch, *data["edited_mean"].shape[1:], generator=gen)
     source = data["source"][idx].clone()
     rows = data["row"][idx]
@@ -188,6 +206,7 @@ def train_instruct(cfg: InstructConfig) -> Path:
     save_config(out, cfg)
     data = build_cache(cfg, model, out / "cache")
     pairs = int(data["tokens"].shape[0])
+    weights = pair_weights(data, cfg.balance_kinds)
     torch.manual_seed(cfg.seed)
     unet = instruct_unet_from(model.unet).to(d.device).train().requires_grad_(True)
     ema = EMA(unet, cfg.ema_decay)
@@ -229,7 +248,7 @@ def train_instruct(cfg: InstructConfig) -> Path:
     t_mark = time.time()
     while step < cfg.steps:
         x0, source, tokens, mask, t, noise = draw_batch(data, cfg.batch_size, cfg.dropout,
-                                                        model.schedule.num_train_timesteps, gen)
+                                                        model.schedule.num_train_timesteps, gen, weights)
         x0, source, tokens, mask, t, noise = (v.to(d.device) for v in (x0, source, tokens, mask, t, noise))
         loss = denoiser.loss(x0, noise, t, Cond(tokens=tokens, mask=mask, concat=source), min_snr_gamma=cfg.min_snr_gamma)
         update(loss, unet, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
