@@ -450,3 +450,59 @@ def test_the_adapter_picker_puts_a_lora_into_the_prompt(adapter_library, live, b
     assert manifest["request"]["loras"] == [{"name": "ui-lora", "scale": 0.5}] and manifest["request"]["prompt"] == "red apple"
     assert [(a["kind"], a["name"], a["scale"]) for a in manifest["adapters"]] == [("lora", "ui-lora", 0.5)]
     assert not elsewhere
+
+
+@pytest.fixture
+def instruct_library(tiny, tmp_path, monkeypatch):
+    """An instruction model made from the tiny model, installed where the default model looks for one."""
+    import json as _json
+
+    import torch
+
+    from dreamlab.models.controlnet import base_hash
+    from dreamlab.train.instruct import instruct_unet_from
+
+    folder = tmp_path / "models" / "tiny-instruct"
+    import shutil
+
+    shutil.copytree(tiny.source, folder)
+    unet = instruct_unet_from(tiny.unet)
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:].normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet")
+    spec = _json.loads((folder / "dreamlab.json").read_text())
+    spec.update(name="tiny-instruct", inputs=["source_image"], instruct={"base_unet": base_hash(tiny.files)})
+    (folder / "dreamlab.json").write_text(_json.dumps(spec))
+    monkeypatch.setenv("DREAMLAB_MODELS", str(folder.parent))
+    tiny._editor.clear()  # looked up again when the UI is built
+    yield folder
+    tiny._editor.clear()
+
+
+def test_the_instruct_tab_edits_an_uploaded_picture(instruct_library, live, browser, tmp_path):
+    import httpx
+
+    url, _ = live
+    page, elsewhere = browser
+    arr = np.random.default_rng(5).integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    arr[..., 3] = 255
+    src = tmp_path / "apple.png"
+    Image.fromarray(arr, "RGBA").save(src)
+    open_ui(page, url)
+    page.get_by_role("tab", name="Instruct").click()
+    page.click("#generate")  # nothing uploaded yet: a message, no job
+    page.wait_for_selector(".toast-body:has-text('upload the image to edit first')")
+    page.locator("#prompt textarea").fill("make it blue")
+    page.locator("#instruct-image input[type=file]").set_input_files(str(src))
+    page.wait_for_selector("#instruct-image img")
+    set_number(page, "steps", 4)
+    set_number(page, "image-cfg", 1.25)
+    page.locator("#seed input").fill("7")
+    assert generate(page) == "done: 1 image, seed 7"
+    (job,) = httpx.get(f"{url}/api/jobs").json()["items"]
+    assert job["request"]["source_image"] == "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest()
+    assert job["request"]["image_cfg_scale"] == 1.25 and job["request"]["prompt"] == "make it blue"
+    manifest = httpx.get(f"{url}/api/gallery/{job['images'][0]['id']}").json()["manifest"]
+    assert manifest["model"]["name"] == "tiny-instruct"
+    assert not elsewhere
