@@ -18,7 +18,6 @@ test split stays unseen, for the measurements (docs/control.md).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .captions import CANONICAL_STYLE, tone_phrase
+from .catalog import sha256_file
 
 DEFAULT_OUT_DIR = Path("~/.cache/dreamlab/data/instruct")
 RECIPE_VERSION = 1
@@ -200,14 +200,6 @@ class InstructDataConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_instruct_data(cfg: InstructDataConfig, *, log=print) -> Path:
     """Make (or continue making) the pairs of ``cfg`` in ``cfg.out``; returns that folder."""
     import numpy as np
@@ -232,7 +224,7 @@ def build_instruct_data(cfg: InstructDataConfig, *, log=print) -> Path:
     index = {label: i for i, label in enumerate(labels)}
     recipe = {"version": RECIPE_VERSION, "config": asdict(cfg),
               "model": {"name": model.name, "unet": model.files.get("unet/diffusion_pytorch_model.safetensors")},
-              "judge": _sha(judge_dir / "judge.safetensors"), "method": "prompt-to-prompt (dreamlab edit), judge-filtered",
+              "judge": sha256_file(judge_dir / "judge.safetensors"), "method": "prompt-to-prompt (dreamlab edit), judge-filtered",
               "torch": torch.__version__}
     recipe = json.loads(json.dumps(recipe))  # as it reads back (tuples become lists)
     rfile = out / "recipe.json"

@@ -284,3 +284,34 @@ def save_config(out_dir: Path, config: Any) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
     (out_dir / "config.json").write_text(json.dumps(data, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------------------ exports
+
+# what a model folder derived from a base (a student, an instruction model) copies from it
+BASE_COMPONENTS = ("vae", "scheduler", "text_encoder", "tokenizer", "model_index.json")
+
+
+def write_model_folder(unet: torch.nn.Module, ema: EMA | None, base: Path, dest: Path, spec: dict[str, Any],
+                       dtype: torch.dtype | None = None) -> Path:
+    """A model folder at ``dest``: the base folder's components, ``unet`` (with the EMA weights when
+    given, in ``dtype``) and ``spec`` as its dreamlab.json; written beside ``dest`` and renamed."""
+    import copy
+    import json
+
+    shadow = copy.deepcopy(unet)
+    if ema is not None:
+        ema.copy_to(shadow)
+    tmp = _atomic_dir(dest)
+    for part in BASE_COMPONENTS:
+        src = base / part
+        if src.is_dir():
+            shutil.copytree(src, tmp / part, ignore=shutil.ignore_patterns(".*"))
+        elif src.is_file():
+            shutil.copy2(src, tmp / part)
+    (shadow.to(dtype) if dtype is not None else shadow).save_pretrained(tmp / "unet")
+    (tmp / "dreamlab.json").write_text(json.dumps(spec, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(dest)
+    return dest

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,13 +54,12 @@ from ..models.controlnet import base_hash
 from ..models.unet import UNetModelFn
 from .common import (
     EMA, Log, init_distributed, latest_checkpoint, load_states, load_training_state, lr_at, save_checkpoint,
-    save_config, update,
+    save_config, update, write_model_folder,
 )
 from .unet import UNetConfig, _cache_matches, build_cache, draw_batch, sample_grid, sampling_weights
 from ..settings import DistillConfig  # noqa: F401  (the configuration, kept torch-free)
 
 METHODS = ("consistency", "progressive")
-COMPONENTS = ("vae", "scheduler", "text_encoder", "tokenizer", "model_index.json")  # copied from the teacher
 
 
 @dataclass(frozen=True)
@@ -217,19 +215,6 @@ def export_student(unet, ema: EMA | None, root: Path, raw_spec: dict, dest: Path
     """A model folder named ``name`` (default: the run's): the teacher's components, the student's (EMA)
     UNet, and a dreamlab.json with the student's defaults, guidance range and teacher. Written to a
     temporary folder and renamed."""
-    shadow = copy.deepcopy(unet)
-    if ema is not None:
-        ema.copy_to(shadow)
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for part in COMPONENTS:
-        src = root / part
-        if src.is_dir():
-            shutil.copytree(src, tmp / part, ignore=shutil.ignore_patterns(".*"))
-        elif src.is_file():
-            shutil.copy2(src, tmp / part)
-    shadow.to(dtype).save_pretrained(tmp / "unet")
     if cfg.method == "consistency":
         defaults = {"sampler": "lcm", "steps": stage.steps, "schedule": "trailing"}
     elif stage.steps is None:  # the guided model samples as its teacher does, one row per step
@@ -245,11 +230,7 @@ def export_student(unet, ema: EMA | None, root: Path, raw_spec: dict, dest: Path
                  "guidance": [cfg.guidance_min, cfg.guidance_max]},
         training=info,
     )
-    (tmp / "dreamlab.json").write_text(json.dumps(spec, indent=2))
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(dest)
-    return dest
+    return write_model_folder(unet, ema, root, dest, spec, dtype)
 
 
 def train_distill(cfg: DistillConfig) -> Path:

@@ -16,10 +16,8 @@ are its posterior mean (what ``VAESpace.encode`` gives at sampling).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -31,10 +29,10 @@ from safetensors.torch import load_file, save_file
 from ..core.types import Cond
 from ..errors import DreamlabError
 from ..models.controlnet import base_hash
-from .common import EMA, Log, init_distributed, latest_checkpoint, lr_at, save_checkpoint, save_config, update
+from .common import (
+    EMA, Log, init_distributed, latest_checkpoint, lr_at, save_checkpoint, save_config, update, write_model_folder,
+)
 from ..settings import InstructConfig  # noqa: F401  (the configuration, kept torch-free)
-
-COMPONENTS = ("vae", "scheduler", "text_encoder", "tokenizer", "model_index.json")  # copied from the base
 
 
 def instruct_unet_from(unet, extra_channels: int | None = None):
@@ -170,29 +168,12 @@ def export_instruct(unet, ema: EMA | None, root: Path, raw_spec: dict, dest: Pat
                     info: dict, dtype: torch.dtype | None = torch.float16) -> Path:
     """A model folder: the base's components, the (EMA) 8-channel UNet and a dreamlab.json that declares
     the source image input and the editing defaults. Written beside ``dest`` and renamed."""
-    shadow = copy.deepcopy(unet)
-    if ema is not None:
-        ema.copy_to(shadow)
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for part in COMPONENTS:
-        src = root / part
-        if src.is_dir():
-            shutil.copytree(src, tmp / part, ignore=shutil.ignore_patterns(".*"))
-        elif src.is_file():
-            shutil.copy2(src, tmp / part)
-    (shadow.to(dtype) if dtype is not None else shadow).save_pretrained(tmp / "unet")
     spec = {k: v for k, v in raw_spec.items() if k not in ("name", "defaults", "training", "inputs")}
     spec.update(name=cfg.name, inputs=["source_image"],
                 defaults={"sampler": "dpmpp_2m", "steps": 20, "schedule": "karras", "cfg_scale": 5.0,
                           "image_cfg_scale": 1.5},
                 instruct={"base": model.name, "base_unet": base_hash(model.files)}, training=info)
-    (tmp / "dreamlab.json").write_text(json.dumps(spec, indent=2))
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(dest)
-    return dest
+    return write_model_folder(unet, ema, root, dest, spec, dtype)
 
 
 def train_instruct(cfg: InstructConfig) -> Path:
