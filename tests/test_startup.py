@@ -82,3 +82,36 @@ def test_a_wrong_model_path_or_input_fails_before_the_model_libraries_load(tmp_p
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert "no model at" in out.stderr and "cannot read" in out.stderr
+
+
+REMOTE = """
+import json, sys
+from dreamlab.cli import main
+rc = main(["generate", "red apple", "--server", sys.argv[1], "--seed", "3", "--steps", "3", "-o", sys.argv[2]])
+print(json.dumps({"rc": rc, "heavy": sorted(m for m in ("torch", "diffusers", "transformers", "safetensors") if m in sys.modules)}))
+"""
+
+
+def test_generate_on_a_warm_server_imports_no_model_library_and_replays(tiny_dir, tmp_path, capsys):
+    from server_process import ServerProcess
+
+    from dreamlab.cli import main
+    from dreamlab.metadata import read_manifest
+
+    server = ServerProcess(tiny_dir, tmp_path / "data")
+    try:
+        out = tmp_path / "remote.png"
+        seen = _run(REMOTE, server.url, str(out))
+        assert seen == {"rc": 0, "heavy": []}
+        manifest = read_manifest(out)
+        assert manifest["seed"] == 3 and manifest["request"]["prompt"] == "red apple"
+        assert main(["replay", str(out), "-o", str(tmp_path / "again.png")]) == 0
+        assert "identical" in capsys.readouterr().out
+        bad = subprocess.run([sys.executable, "-m", "dreamlab.cli", "generate", "x", "--server", server.url, "--steps", "0"],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "(422)" in bad.stderr and "steps" in bad.stderr
+    finally:
+        server.stop()
+    gone = subprocess.run([sys.executable, "-m", "dreamlab.cli", "generate", "x", "--server", server.url],
+                          capture_output=True, text=True)
+    assert gone.returncode == 2 and "cannot reach the dreamlab server" in gone.stderr and gone.stderr.count("\n") == 1

@@ -19,7 +19,57 @@ def _output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
 
 
+def _generate_remote(args: argparse.Namespace) -> int:
+    """`dreamlab generate --server URL`: the request run by a warm `dreamlab serve` (stdlib client, no torch)."""
+    from .client import file_b64, generate_remote
+    from .inputs import INPUTS
+
+    local = [flag for flag, on in (("--embedding", getattr(args, "embedding", None)), ("--controlnet", getattr(args, "controlnet", None)),
+                                   ("--region", getattr(args, "region", None)), ("--region-mask", getattr(args, "region_mask", None)),
+                                   ("--reference", getattr(args, "reference", None)), ("--model", args.model),
+                                   ("--prediction", args.prediction), ("--preprocess", getattr(args, "preprocess", False))) if on]
+    if local:
+        raise DreamlabError(f"{local[0]} is not available with --server (the server runs its own model and files); "
+                            "use the HTTP API's JSON fields, or run without --server")
+    fields: dict = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed, "steps": args.steps,
+                    "sampler": args.sampler, "schedule": args.schedule, "cfg_scale": args.cfg, "guidance_rescale": args.rescale,
+                    "eta": args.eta, "dynamic_threshold": args.dynamic_threshold, "width": args.width, "height": args.height,
+                    "batch": args.batch, "strength": args.strength, "noise_level": getattr(args, "noise_level", None),
+                    "image_cfg_scale": getattr(args, "image_cfg", None), "window": getattr(args, "window", None),
+                    "window_stride": getattr(args, "window_stride", None)}
+    for inp in INPUTS:
+        if path := getattr(args, inp.dest, None):
+            fields[inp.field] = file_b64(path, inp.what)
+    specs = getattr(args, "control", None) or []
+    scales, starts, ends = (_per_control(getattr(args, k), len(specs), flag) for k, flag in
+                            (("control_scale", "--control-scale"), ("control_start", "--control-start"), ("control_end", "--control-end")))
+    controls = []
+    for spec, scale, start, end in zip(specs, scales, starts, ends):
+        condition, sep, path = spec.partition(":")
+        if not sep or not path:
+            raise DreamlabError(f"--control {spec!r}: write CONDITION:IMAGE, e.g. canny:edges.png")
+        c = {"condition": condition, "image": file_b64(path, "control image"), "scale": scale, "start": start, "end": end}
+        controls.append({k: v for k, v in c.items() if v is not None})
+    loras = []
+    for spec in getattr(args, "lora", None) or []:
+        name, _, scale = spec.partition(":")
+        if "/" in name or name.endswith(".safetensors"):
+            raise DreamlabError(f"--lora {spec}: with --server, name a LoRA of the server's library (GET /api/adapters), not a file")
+        try:
+            loras.append({"name": name, "scale": float(scale) if scale else 1.0})
+        except ValueError:
+            raise DreamlabError(f"--lora {spec}: the scale must be a number") from None
+    body = {k: v for k, v in fields.items() if v is not None}
+    body.update({k: v for k, v in (("controls", controls), ("loras", loras)) if v})
+    outputs = _output_paths(Path(args.output), args.batch or 1)
+    for path, seed in generate_remote(args.server, body, outputs):
+        print(f"{path}  seed {seed}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace, model=None) -> int:
+    if getattr(args, "server", None) and model is None:
+        return _generate_remote(args)
     # the request is checked before the sampling engine and the model's libraries are imported: a bad
     # value or a missing file fails in a fraction of the start-up (docs/benchmarks.md, Start-up)
     from .adapters_cli import lora_fields, register_adapters
@@ -341,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (unsafe for untrusted files)")
     g.add_argument("-q", "--quiet", action="store_true")
+    g.add_argument("--server", metavar="URL", help="run on a warm `dreamlab serve` at URL (e.g. http://127.0.0.1:7860): "
+                   "no model is loaded here, so the image comes in about a second")
     g.set_defaults(func=cmd_generate)
 
     u = sub.add_parser("upscale", help="enlarge an image with a super-resolution model (a cascade's second stage)")
