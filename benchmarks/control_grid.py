@@ -22,7 +22,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--condition", default="canny")
     p.add_argument("--data", default="~/.cache/dreamlab/data/emoji")
-    p.add_argument("--label", default="grinning face with sweat", help="the held-out emoji whose map is used")
+    p.add_argument("--label", default="face with tears of joy", help="the held-out emoji whose map is used")
     p.add_argument("--style", default="google")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--prompts", default=",".join(PROMPTS))
