@@ -94,6 +94,7 @@ def _plot(results: dict, dest: Path) -> None:
     if "prompt_to_prompt_null_text" in results:
         b = results["prompt_to_prompt_null_text"]
         ax.scatter([b["cos"]], [b["edit_top5"]], marker="*", s=120, color="k", label="prompt-to-prompt + null-text")
+    ax.axhline(results["sources"]["edit_top5"], color="grey", ls="--", lw=1, label="the unedited sources")
     ax.set_xlabel("similarity to the source (judge-feature cosine)")
     ax.set_ylabel("edit achieved (judge top-5 of the target)")
     ax.set_title(f"Instruction editing on {results['n']} held-out emoji (labels: s_I)")

@@ -278,7 +278,9 @@ def test_dreamlab_eval_scores_an_instruction_model_on_held_out_edits(instruct_di
                  "--json", str(out)]) == 0
     assert "3 held-out edits at s_I 1.5, s_T 5" in capsys.readouterr().out
     scores = json.loads(out.read_text())
-    assert scores["n"] == 3 and 0 <= scores["edit_top5"] <= 1 and scores["sources"]["cos"] == pytest.approx(1.0, abs=1e-5)
+    assert scores["n"] == 3 and scores["sources"]["cos"] == pytest.approx(1.0, abs=1e-5)
+    if scores["edit_top5"] is not None:  # the fixture's held-out emoji may allow only tone and style edits
+        assert scores["edit_gain"] == pytest.approx(scores["edit_top5"] - scores["sources"]["edit_top5"])
     assert scores["sources"]["iou"] == 1.0
 
 

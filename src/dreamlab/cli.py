@@ -289,8 +289,10 @@ def _eval_instruct(cfg, root: Path, args: argparse.Namespace) -> int:
     from .loading.model import load_model
 
     result = evaluate_instruct(load_model(root), cfg.data, n=cfg.prompts, steps=cfg.steps, judge_dir=cfg.judge, seed=cfg.seed)
-    print(f"{result['n']} held-out edits at s_I {result['image_scale']:g}, s_T {result['text_scale']:g}: edit achieved "
-          f"(judge top-5 of the target) {result['edit_top5']:.3f} (the unedited sources: {result['sources']['edit_top5']:.3f}); "
+    achieved = ("no edit that changes the emoji" if result["edit_top5"] is None else
+                f"edit achieved (judge top-5 of the target, {result['n_changing']} edits that change the emoji) "
+                f"{result['edit_top5']:.3f}, the unedited sources {result['sources']['edit_top5']:.3f}")
+    print(f"{result['n']} held-out edits at s_I {result['image_scale']:g}, s_T {result['text_scale']:g}: {achieved}; "
           f"source kept: judge-feature cosine {result['cos']:.3f}, alpha IoU {result['iou']:.3f}; "
           f"{result['seconds_per_edit']:.2f} s per edit")
     if args.json:

@@ -62,8 +62,19 @@ def held_out_edits(data: str | Path, n: int, seed: int = 0):
     return out
 
 
+SAME_CLASS = ("tone", "style")  # edits whose target is the same emoji: the judge (tone and style invariant) cannot
+#                                  tell them done; they count for the source kept, not for the edit achieved
+
+
 class Scorer:
-    """The judge's verdicts on edits of fixed sources."""
+    """The judge's verdicts on edits of fixed sources.
+
+    edit_top5:  the target emoji in the judge's top-5 of the output, over the edits that change the emoji
+                (colour, swap, expression, add, remove); ``sources`` scores the unedited sources the same
+                way, the level of doing nothing (a yellow square's top-5 often holds the brown one)
+    edit_gain:  edit_top5 minus that level
+    cos, iou:   the source kept: judge-feature cosine and alpha IoU against the source, over all edits
+    """
 
     def __init__(self, edits, judge_dir: str | Path | None = None):
         from ..settings import default_judge_dir
@@ -81,10 +92,17 @@ class Scorer:
         feats, logits = judge_outputs(self.judge, _tensor([*sources, *outs]))
         feats = torch.nn.functional.normalize(feats, dim=1)
         k = len(sources)
-        top = logits[k:].topk(5, dim=1).indices.tolist()
-        return {"edit_top5": float(np.mean([self.index.get(e.target_label) in t for (_, e), t in zip(self.edits, top)])),
+        top = logits.topk(5, dim=1).indices.tolist()
+        changing = [i for i, (_, e) in enumerate(self.edits) if e.kind not in SAME_CLASS]
+        hit = [self.index.get(self.edits[i][1].target_label) in top[k + i] for i in changing]
+        level = [self.index.get(self.edits[i][1].target_label) in top[i] for i in changing]
+        return {"edit_top5": float(np.mean(hit)) if hit else None,
+                "edit_gain": float(np.mean(hit) - np.mean(level)) if hit else None, "n_changing": len(hit),
                 "cos": float(np.mean([float(feats[i] @ feats[k + i]) for i in range(k)])),
-                "iou": float(np.mean([alpha_iou(s, o) for s, o in zip(sources, outs)]))}
+                "iou": float(np.mean([alpha_iou(s, o) for s, o in zip(sources, outs)])),
+                "per_edit": [{"kind": e.kind, "instruction": e.instruction, "target": e.target_label,
+                              "target_top5": self.index.get(e.target_label) in top[k + i],
+                              "cos": float(feats[i] @ feats[k + i])} for i, (_, e) in enumerate(self.edits)]}
 
 
 def instruct_edits(model, edits, *, image_scale: float, text_scale: float, steps: int = 20) -> tuple[list, float]:
