@@ -301,3 +301,19 @@ def test_balanced_drawing_gives_every_edit_kind_the_same_share():
     drawn = source[:, 0, 0, 0].long()
     share = (kind[data["row"][drawn]] == 1).float().mean().item()
     assert abs(share - 0.5) < 0.02
+
+
+def test_named_models_are_the_shipped_folders_and_a_missing_one_says_so(tmp_path, monkeypatch, capsys):
+    from dreamlab.loading import model as loading
+
+    monkeypatch.setattr(loading, "SHIPPED_DIR", tmp_path / "weights")
+    (tmp_path / "weights" / "instruct" / "unet").mkdir(parents=True)
+    assert loading.named_model("instruct") == tmp_path / "weights" / "instruct"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fast").mkdir()  # a folder of that name in the working directory wins
+    assert loading.named_model("fast").resolve() == tmp_path / "fast"
+    (tmp_path / "fast").rmdir()
+    assert main(["generate", "x", "--model", "fast", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no model named 'fast' ships with this dreamlab (named models here: default, instruct)" in err
+    assert err.count("\n") == 1

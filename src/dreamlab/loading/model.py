@@ -215,6 +215,10 @@ def _load_folder(
     """One model folder. ``text_encoder``: an encoder already loaded for what ``spec`` names (a cascade's
     two stages share the packaged one), used instead of loading it again."""
     if not (root / "unet").is_dir():
+        if explicit and root.parent == SHIPPED_DIR and root.name in NAMED_MODELS and not root.exists():
+            shipped = [n for n in NAMED_MODELS if (SHIPPED_DIR / n / "unet").is_dir() or n == "default"]
+            raise ModelNotFoundError(f"no model named '{root.name}' ships with this dreamlab (named models here: "
+                                     f"{', '.join(shipped)}); pass --model DIR with a model folder")
         if explicit:
             raise ModelNotFoundError(f"no model at {root} (expected a diffusers-format folder with unet/)")
         raise ModelNotFoundError(
