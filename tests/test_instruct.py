@@ -317,3 +317,15 @@ def test_named_models_are_the_shipped_folders_and_a_missing_one_says_so(tmp_path
     err = capsys.readouterr().err
     assert "no model named 'fast' ships with this dreamlab (named models here: default, instruct)" in err
     assert err.count("\n") == 1
+
+
+def test_a_source_of_another_size_is_resized_and_said_so(instruct_dirs, tmp_path):
+    _, trained, _ = instruct_dirs
+    big = _picture(tmp_path / "big.png", size=32)
+    model = load_model(trained)
+    res = generate(model, make_request(prompt="make it blue", steps=2, seed=0, source_image=encode_image(big)))
+    assert res.images[0].size == (16, 16)
+    assert any("source image 32x32 resized to 16x16" in n for n in res.notes)
+    same = generate(model, make_request(prompt="make it blue", steps=2, seed=0,
+                                        source_image=encode_image(_picture(tmp_path / "s.png"))))
+    assert not same.notes

@@ -150,10 +150,11 @@ def build(model, req, width: int, height: int, decode) -> Plan:
 def _instruct(model, req, width: int, height: int, decode) -> Plan:
     from ..control.instruct import image_scale, instruct_cond, instruct_guider, source_latents
 
-    cond = instruct_cond(model.encode_prompts([req.prompt]), source_latents(model, req, width, height, decode))
+    latents, notes = source_latents(model, req, width, height, decode)
+    cond = instruct_cond(model.encode_prompts([req.prompt]), latents)
     guided = model.text_encoder is not None and (req.cfg_scale != 1.0 or image_scale(model, req) != 1.0)
     uncond = model.encode_prompts([req.negative_prompt]) if guided else None
-    return Plan([Cell(None)], [cond], [instruct_guider(model, req, uncond)])
+    return Plan([Cell(None)], [cond], [instruct_guider(model, req, uncond)], notes=notes)
 
 
 def _regional(uncond, conds, masks, tile, scale):

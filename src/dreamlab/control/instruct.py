@@ -51,13 +51,17 @@ def check_instruct(model, req) -> None:
                                   "one: give --model an instruction model, or use init_image for img2img")
 
 
-def source_latents(model, req, width: int, height: int, decode) -> torch.Tensor:
-    """(1, C, h, w) latents of the source image at the output size."""
+def source_latents(model, req, width: int, height: int, decode) -> tuple[torch.Tensor, list[str]]:
+    """(1, C, h, w) latents of the source image at the output size, and a note if it was resized."""
     from ..generate import _to_tensor
 
-    image = _to_tensor(decode(req.source_image, "source_image"), model.space.image_channels, width, height)
+    picture = decode(req.source_image, "source_image")
+    notes = [] if picture.size == (width, height) else [
+        f"source image {picture.size[0]}x{picture.size[1]} resized to {width}x{height} (the output size; set width "
+        "and height to change it)"]
+    image = _to_tensor(picture, model.space.image_channels, width, height)
     with torch.no_grad():
-        return model.space.encode(image.to(model.device))
+        return model.space.encode(image.to(model.device)), notes
 
 
 def instruct_cond(cond: Cond, latents: torch.Tensor) -> Cond:
