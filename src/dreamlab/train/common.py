@@ -286,6 +286,27 @@ def save_config(out_dir: Path, config: Any) -> None:
     (out_dir / "config.json").write_text(json.dumps(data, indent=2, default=str))
 
 
+# ------------------------------------------------------------------------------------ compute clock
+
+
+class ComputeClock:
+    """Seconds of training compute as the trainers record them (``train_hours``): wall time between
+    ticks, with what ``skip`` marks (exports, sample grids) left out."""
+
+    def __init__(self, spent: float = 0.0):
+        self.spent = spent
+        self._mark = time.time()
+
+    def tick(self) -> float:
+        now = time.time()
+        self.spent += now - self._mark
+        self._mark = now
+        return self.spent
+
+    def skip(self) -> None:
+        self._mark = time.time()
+
+
 # ------------------------------------------------------------------------------------------ exports
 
 # what a model folder derived from a base (a student, an instruction model) copies from it

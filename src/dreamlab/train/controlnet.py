@@ -12,7 +12,6 @@ base trainer's cache (encoded once); the maps are computed once and cached besid
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from ..core.types import Cond
 from ..data.dataset import EmojiDataset
 from ..errors import DreamlabError
 from ..models.controlnet import controlnet_from_unet, save_controlnet
-from .common import EMA, Log, init_distributed, latest_checkpoint, lr_at, save_checkpoint, save_config, update
+from .common import ComputeClock, EMA, Log, init_distributed, latest_checkpoint, lr_at, save_checkpoint, save_config, update
 from .unet import UNetConfig, _cache_matches, build_cache, draw_batch, sampling_weights
 from ..settings import ControlNetConfig  # noqa: F401  (the configuration, kept torch-free)
 
@@ -114,7 +113,7 @@ def train_controlnet(cfg: ControlNetConfig) -> Path:
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"controlnet-{cfg.condition}", dynamic_ncols=True)
-    t_mark = time.time()
+    clock = ComputeClock(spent)
     B = cfg.batch_size
     while step < cfg.steps:
         idx, x0, tokens, mask, t, noise = draw_batch(data, weights, B, cfg.cond_dropout, model.schedule.num_train_timesteps, gen)
@@ -127,9 +126,7 @@ def train_controlnet(cfg: ControlNetConfig) -> Path:
         update(loss, net, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         step += 1
         bar.update(1)
-        now = time.time()
-        spent += now - t_mark
-        t_mark = now
+        spent = clock.tick()
         if step % cfg.log_every == 0:
             log.write(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], train_hours=spent / 3600)
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -142,7 +139,7 @@ def train_controlnet(cfg: ControlNetConfig) -> Path:
             _export(net, ema, out / "controlnet", cfg, model, info, dtype=None)
             log.plot(("loss",))
         if step % cfg.snapshot_every == 0 or step % cfg.ckpt_every == 0:
-            t_mark = time.time()  # exports are not training compute
+            clock.skip()  # exports are not training compute
     bar.close()
     return out / "controlnet"
 

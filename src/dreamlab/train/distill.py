@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from ..errors import DreamlabError
 from ..models.controlnet import base_hash
 from ..models.unet import UNetModelFn
 from .common import (
-    EMA, Log, init_distributed, latest_checkpoint, load_states, load_training_state, lr_at, save_checkpoint,
+    ComputeClock, EMA, Log, init_distributed, latest_checkpoint, load_states, load_training_state, lr_at, save_checkpoint,
     save_config, update, write_model_folder,
 )
 from .unet import UNetConfig, _cache_matches, build_cache, draw_batch, sample_grid, sampling_weights
@@ -302,7 +301,7 @@ def _train_stage(cfg, index: int, plan: list[Stage], model, teacher: Denoiser, r
     if index == 0 and ckpt is None:
         print(f"{stage.name}: student of {model.name}, {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters")
     bar = tqdm(total=end - index * cfg.steps, initial=step - index * cfg.steps, desc=f"distill-{stage.name}", dynamic_ncols=True)
-    t_mark = time.time()
+    clock = ComputeClock(spent)
     while step < end:
         _, x0, tokens, mask, t, noise = draw_batch(data, weights, B, cfg.cond_dropout, T, gen)
         w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(B, generator=gen)
@@ -321,9 +320,7 @@ def _train_stage(cfg, index: int, plan: list[Stage], model, teacher: Denoiser, r
             follow(target_net, unet, cfg.target_decay)
         step += 1
         bar.update(1)
-        now = time.time()
-        spent += now - t_mark
-        t_mark = now
+        spent = clock.tick()
         if step % cfg.log_every == 0:
             log.write(step, loss=loss.item(), **{f"loss_{stage.name}": loss.item()}, lr=opt.param_groups[0]["lr"],
                       train_hours=spent / 3600)
@@ -345,7 +342,7 @@ def _train_stage(cfg, index: int, plan: list[Stage], model, teacher: Denoiser, r
                             states={"target": target_net.state_dict()} if target_net is not None else None)
             export_student(unet, ema, root, raw, out / "model", cfg, model, stage, info)
             log.plot(tuple(f"loss_{s.name}" for s in plan))
-        t_mark = time.time()  # exports and sample grids are not training compute
+        clock.skip()  # exports and sample grids are not training compute
     bar.close()
     if cfg.samples:
         sample_grid(out / "model", out / f"samples-{stage.name}.png", steps=stage.steps or model.defaults.steps,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from ..core.types import Cond
 from ..errors import DreamlabError
 from ..models.controlnet import base_hash
 from .common import (
-    EMA, Log, init_distributed, latest_checkpoint, lr_at, save_checkpoint, save_config, update, write_model_folder,
+    ComputeClock, EMA, Log, init_distributed, latest_checkpoint, lr_at, save_checkpoint, save_config, update, write_model_folder,
 )
 from ..settings import InstructConfig  # noqa: F401  (the configuration, kept torch-free)
 
@@ -187,6 +186,7 @@ def train_instruct(cfg: InstructConfig) -> Path:
     save_config(out, cfg)
     data = build_cache(cfg, model, out / "cache")
     pairs = int(data["tokens"].shape[0])
+    data_sha256 = _pairs_key(Path(cfg.data).expanduser())  # the pairs trained on, recorded in every export
     weights = pair_weights(data, cfg.balance_kinds)
     torch.manual_seed(cfg.seed)
     unet = instruct_unet_from(model.unet).to(d.device).train().requires_grad_(True)
@@ -226,7 +226,7 @@ def train_instruct(cfg: InstructConfig) -> Path:
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, desc="instruct", dynamic_ncols=True)
-    t_mark = time.time()
+    clock = ComputeClock(spent)
     while step < cfg.steps:
         x0, source, tokens, mask, t, noise = draw_batch(data, cfg.batch_size, cfg.dropout,
                                                         model.schedule.num_train_timesteps, gen, weights)
@@ -235,15 +235,13 @@ def train_instruct(cfg: InstructConfig) -> Path:
         update(loss, unet, opt, ema, lr_at(step, cfg.lr, cfg.warmup, cfg.steps))
         step += 1
         bar.update(1)
-        now = time.time()
-        spent += now - t_mark
-        t_mark = now
+        spent = clock.tick()
         if step % cfg.log_every == 0:
             log.write(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], train_hours=spent / 3600)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         info = {"steps": step, "train_hours": spent / 3600, "device": str(d.device), "batch_size": cfg.batch_size,
                 "lr": cfg.lr, "dropout": cfg.dropout, "pairs": pairs, "data": str(cfg.data),
-                "data_sha256": _pairs_key(Path(cfg.data).expanduser())}
+                "data_sha256": data_sha256}
         if step % cfg.snapshot_every == 0 or step == cfg.steps:
             export_instruct(unet, ema, root, raw, out / "snapshots" / f"step-{step:07d}", cfg, model, info)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -251,6 +249,6 @@ def train_instruct(cfg: InstructConfig) -> Path:
             export_instruct(unet, ema, root, raw, out / "model", cfg, model, info, dtype=None)
             log.plot(("loss",))
         if step % cfg.snapshot_every == 0 or step % cfg.ckpt_every == 0:
-            t_mark = time.time()  # exports are not training compute
+            clock.skip()  # exports are not training compute
     bar.close()
     return out / "model"
