@@ -246,3 +246,29 @@ def test_eval_prompt_format_asks_each_rendering_another_way(tmp_path, tiny_dir, 
     assert "--prompt-format '{name}': 'name' is not a field; use {caption}, {label}, {style}, {other_style}" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_dir), *common, "--prompts", "1"]) == 2  # FID of one image: named, not a LinAlgError
     assert "FID and KID need at least 2 generated images; 1 prompt(s) x --per-prompt 1 gives 1" in capsys.readouterr().err
+
+
+def test_ship_as_a_named_model_installs_it_beside_the_default_and_rewrites_all_checksums(tmp_path, tiny_dir, judge_dir, capsys):
+    from safetensors.torch import load_file
+
+    from dreamlab.cli import main
+    from dreamlab.loading.files import sha256_file
+
+    dest = tmp_path / "weights"
+    assert main(["ship", "--model", str(tiny_dir), "--judge", str(judge_dir), "--dest", str(dest)]) == 0
+    card = tmp_path / "card.md"
+    card.write_text("# a student\n")
+    assert main(["ship", "--model", str(tiny_dir), "--as", "fast", "--card", str(card), "--dest", str(dest)]) == 0
+    listed = {rel: h for h, rel in (line.split("  ") for line in (dest / "SHA256SUMS").read_text().splitlines())}
+    on_disk = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
+    assert set(listed) == on_disk and all(sha256_file(dest / rel) == h for rel, h in listed.items())
+    assert "default/dreamlab.json" in listed and "fast/MODEL_CARD.md" in listed  # both, not the last one alone
+    assert (dest / "fast" / "MODEL_CARD.md").read_text() == "# a student\n"
+    for f in (dest / "fast").rglob("*.safetensors"):
+        assert {v.dtype for v in load_file(str(f)).values() if v.is_floating_point()} == {torch.float16}
+    # the default is not a name --as installs, and --judge belongs to the default model: one line each
+    for argv, msg in ((["--as", "default"], "--as 'default'"), (["--as", "fast", "--judge", str(judge_dir)], "--judge ships"),
+                      ([], "--judge is needed"), (["--as", "fast", "--card", str(tmp_path / "no.md")], "no such file")):
+        assert main(["ship", "--model", str(tiny_dir), "--dest", str(dest), *argv]) == 2
+        assert msg in capsys.readouterr().err
+    assert set(listed) == {rel for _, rel in (line.split("  ") for line in (dest / "SHA256SUMS").read_text().splitlines())}

@@ -50,12 +50,42 @@ def ship(model: str | Path, judge: str | Path, dest: str | Path = WEIGHTS_DIR) -
     judge_tmp.rename(dest / "judge")
     for extra in ("log.jsonl", "loss.png"):  # training logs stay in the run folder
         (dest / "judge" / extra).unlink(missing_ok=True)
+    write_sums(dest)
+    return dest
+
+
+def ship_named(model: str | Path, name: str, dest: str | Path = WEIGHTS_DIR, card: str | Path | None = None) -> Path:
+    """Install ``model`` (a student, an instruction model) as the package's named model ``name``
+    (``weights/NAME``, what ``--model NAME`` loads), fp16, with ``card`` as its MODEL_CARD.md; the
+    checksums of the whole weights folder are written again."""
+    from ..loading.model import NAMED_MODELS, load_model
+
+    model, dest = Path(model).expanduser(), Path(dest).expanduser()
+    if name == "default" or name not in NAMED_MODELS:
+        raise DreamlabError(f"--as {name!r}: ship installs the named models {', '.join(n for n in NAMED_MODELS if n != 'default')} "
+                            "(the default model comes with --judge)")
+    if not (model / "unet").is_dir() or not (model / "dreamlab.json").exists():
+        raise ModelNotFoundError(f"{model} is not a dreamlab model folder (unet/, vae/, scheduler/, dreamlab.json)")
+    if card is not None and not Path(card).expanduser().is_file():
+        raise ModelNotFoundError(f"--card {card}: no such file")
+    load_model(model)  # a folder that does not load is refused before anything is replaced
+    dest.mkdir(parents=True, exist_ok=True)
+    _fp16_copy(model, dest / name)
+    for extra in ("log.jsonl", "loss.png", "samples.png"):
+        (dest / name / extra).unlink(missing_ok=True)
+    if card is not None:
+        shutil.copyfile(Path(card).expanduser(), dest / name / "MODEL_CARD.md")
+    write_sums(dest)
+    return dest / name
+
+
+def write_sums(dest: Path) -> None:
+    """``dest/SHA256SUMS``: every shipped file with its sha256, so a user can check what they run."""
     files = sorted(p for p in dest.rglob("*") if p.is_file() and p.name != "SHA256SUMS" and not p.name.startswith("."))
     sums = "".join(f"{sha256_file(p)}  {p.relative_to(dest).as_posix()}\n" for p in files)
     (dest / "SHA256SUMS").write_text(sums)
     total = sum(p.stat().st_size for p in files)
-    print(f"shipped {len(files)} files, {total / 2**20:.1f} MiB, to {dest}")
-    return dest
+    print(f"shipped: {len(files)} files, {total / 2**20:.1f} MiB, in {dest}")
 
 
 def assemble_cascade(base: str | Path, sr: str | Path, dest: str | Path, *, name: str | None = None) -> Path:
@@ -87,13 +117,23 @@ def assemble_cascade(base: str | Path, sr: str | Path, dest: str | Path, *, name
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("ship", help="install a trained model and judge as the package's defaults (fp16, with SHA256SUMS)")
+    p = sub.add_parser("ship", help="install a trained model and judge as the package's defaults, or a named model "
+                                    "(--as fast), in fp16 with SHA256SUMS")
     p.add_argument("--model", required=True, help="model folder, e.g. RUN/snapshots/step-0006000")
-    p.add_argument("--judge", required=True, help="judge folder from `dreamlab train judge`")
+    p.add_argument("--judge", help="judge folder from `dreamlab train judge` (with the default model)")
+    p.add_argument("--as", dest="as_name", metavar="NAME", help="install the model as the named model NAME (instruct, fast) instead")
+    p.add_argument("--card", help="with --as: the model card to ship as its MODEL_CARD.md")
     p.add_argument("--dest", default=str(WEIGHTS_DIR), help="default: the package's weights folder")
 
     def run(args) -> int:
-        ship(args.model, args.judge, args.dest)
+        if args.as_name:
+            if args.judge:
+                raise DreamlabError("--judge ships with the default model; leave it out with --as")
+            ship_named(args.model, args.as_name, args.dest, args.card)
+        elif not args.judge:
+            raise DreamlabError("--judge is needed to ship the default model (or name another model with --as)")
+        else:
+            ship(args.model, args.judge, args.dest)
         return 0
 
     p.set_defaults(func=run)
