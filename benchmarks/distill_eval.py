@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--teacher", default=None, help="the teacher model folder (default: the shipped default model)")
     p.add_argument("--teacher-steps", default="1,2,4,8,30")
     p.add_argument("--teacher-samplers", default="dpmpp_2m,ddim")
+    p.add_argument("--teacher-schedules", default="karras,trailing",
+                   help="the teacher's step grids: its default (karras) and the few-step one (trailing)")
     p.add_argument("--student", action="append", default=[], help="NAME=DIR or NAME=DIR:STEPS (repeatable)")
     p.add_argument("--steps", default="1,2,4,8", help="student step counts")
     p.add_argument("--only", choices=("teacher", "students"), help="score only these")
@@ -46,34 +48,36 @@ def main() -> None:
     out = Path(args.json)
     results = json.loads(out.read_text()) if out.exists() else []
     done = {r["key"] for r in results}
-    todo = []  # (kind, name, folder, sampler, steps)
+    todo = []  # (kind, name, folder, sampler, schedule, steps)
     if args.only != "students":
-        for sampler in args.teacher_samplers.split(","):
-            for n in (int(s) for s in args.teacher_steps.split(",")):
-                todo.append(("teacher", f"teacher {sampler}", args.teacher, sampler, n))
+        for schedule in args.teacher_schedules.split(","):
+            for sampler in args.teacher_samplers.split(","):
+                for n in (int(s) for s in args.teacher_steps.split(",")):
+                    todo.append(("teacher", f"teacher {sampler} {schedule}", args.teacher, sampler, schedule, n))
     if args.only != "teacher":
         for spec in args.student:
             name, _, rest = spec.partition("=")
             folder, _, fixed = rest.partition(":")
-            sampler = load_model(folder).defaults.sampler  # (loaded again to score: a second, not the cost)
+            d = load_model(folder).defaults  # (loaded again to score: a second, not the cost)
             for n in ([int(fixed)] if fixed else [int(s) for s in args.steps.split(",")]):
-                todo.append(("student", name, folder, sampler, n))
+                todo.append(("student", name, folder, d.sampler, d.schedule, n))
 
     base = EvalConfig(data=args.data, prompts=args.prompts)
     ev, shas = None, {}
-    for kind, name, folder, sampler, n in todo:
+    for kind, name, folder, sampler, schedule, n in todo:
         if folder not in shas:
             source = Path(load_model(folder).source)
             unet = source / "unet" / "diffusion_pytorch_model.safetensors"
             shas[folder] = sha256_file(unet) if unet.exists() else str(source)
         unet_sha = shas[folder]
-        key = f"{unet_sha[:16]}/{sampler}/{n}/{args.prompts}x{base.per_prompt}/cfg{base.cfg_scale}/seed{base.seed}"
+        grid = "" if kind == "teacher" and schedule == "karras" else f"{schedule}/"  # (karras: the first teacher rows)
+        key = f"{unet_sha[:16]}/{grid}{sampler}/{n}/{args.prompts}x{base.per_prompt}/cfg{base.cfg_scale}/seed{base.seed}"
         if key in done:
             continue
         ev = ev or _Evaluator(base)
-        ev.cfg = dataclasses.replace(base, sampler=sampler, steps=n)
+        ev.cfg = dataclasses.replace(base, sampler=sampler, schedule=schedule, steps=n)
         r = ev.score(folder)
-        row = {"key": key, "kind": kind, "name": name, "model": str(folder or "default"), "sampler": sampler, "steps": n,
+        row = {"key": key, "kind": kind, "name": name, "model": str(folder or "default"), "sampler": sampler, "schedule": schedule, "steps": n,
                "unet_rows": _rows(kind, n), **r["model"], "seconds_per_image": r["seconds_per_image"],
                "ceiling": r["real_held_out"]}
         results.append(row)
@@ -99,7 +103,7 @@ def plot(results: list[dict], dest: Path) -> None:
         style = "s--" if name.startswith("teacher") else "o-"
         for ax, metric in zip(axes, ("fid", "top5")):
             ax.plot([r["unet_rows"] for r in rows], [r[metric] for r in rows], style, label=name)
-    ref = next((r for r in results if r["name"] == "teacher dpmpp_2m" and r["steps"] == 30), None)
+    ref = next((r for r in results if r["name"] == "teacher dpmpp_2m karras" and r["steps"] == 30), None)
     for ax, metric, label in zip(axes, ("fid", "top5"), ("FID (lower is better)", "judge top-5 (higher is better)")):
         if ref:
             goal = ref[metric] * (1.15 if metric == "fid" else 0.85)

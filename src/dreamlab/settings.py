@@ -100,6 +100,7 @@ class EvalConfig:
     per_prompt: int = 2
     steps: int = 20
     sampler: str = "dpmpp_2m"
+    schedule: str | None = None  # the step grid (trailing, karras, ...); None: the model's default
     cfg_scale: float = 4.0
     seed: int = 0
     prompts_from: str = "test"  # "test": held-out renderings (the score); "train": trained ones (the gap)

@@ -138,7 +138,7 @@ class _Evaluator:
         t0 = time.time()
         for i, r in enumerate(tqdm(self.prompts, desc="generating", leave=False)):
             req = make_request(prompt=prompt_for(r, cfg.prompt_format), seed=cfg.seed + i * cfg.per_prompt, batch=cfg.per_prompt,
-                               steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
+                               steps=cfg.steps, sampler=cfg.sampler, schedule=cfg.schedule, cfg_scale=cfg.cfg_scale)
             # the judge sees 64x64: smaller outputs (a cascade's base alone) are enlarged bicubically
             generated.append(resize(generate(model, req).pixels, self.side))
             labels += [self.pos[r["base"]]] * cfg.per_prompt
@@ -224,7 +224,9 @@ def curve_file(cfg: EvalConfig, run: str | Path) -> Path:
 
 def _settings(cfg: EvalConfig) -> dict:
     settings = {k: getattr(cfg, k) for k in ("prompts", "per_prompt", "steps", "sampler", "cfg_scale", "seed")}
-    if cfg.prompts_from != "test":  # (curves measured before this option existed stay valid)
+    if cfg.schedule is not None:  # (curves measured before this option existed stay valid)
+        settings["schedule"] = cfg.schedule
+    if cfg.prompts_from != "test":  # (likewise)
         settings["prompts_from"] = cfg.prompts_from
     if cfg.prompts_skip:  # (likewise)
         settings["prompts_skip"] = cfg.prompts_skip
