@@ -12,6 +12,8 @@ measured against the teacher on held-out real emoji.
   autoencoder).
 - ControlNets (canny, shape; made for the teacher, offered to its students): `dreamlab control-eval`'s
   fidelity (edge F1, silhouette IoU), FID and top-5 at scales 0 and 1.
+- negative prompts: "apple" with and without the negative prompt "red", 8 seeds: the share of opaque pixels
+  that are red, the rows a step, and the note a student's result carries (guidance on its scale-1 rows).
 - a grid: a few sources, img2img at 0.4 and 0.7, inpainting, and canny, student beside teacher.
 """
 
@@ -44,7 +46,7 @@ def main() -> None:
     p.add_argument("--data", default="~/.cache/dreamlab/data/emoji")
     p.add_argument("--n", type=int, default=24)
     p.add_argument("--strengths", default="0.2,0.4,0.6,0.8")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: img2img,inpaint,control")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: img2img,inpaint,control,negative")
     p.add_argument("--json", default=None)
     p.add_argument("--grid", default="docs/images/student-checks.png")
     args = p.parse_args()
@@ -121,6 +123,26 @@ def main() -> None:
             results["inpaint"].append(row)
             shown[(name, "inpaint right half")] = images
             print(json.dumps(row), flush=True)
+    if "negative" not in skip:
+        results["negative"] = []
+        for name, (model, extra) in models.items():
+            for negative in ("", "red"):
+                images, rows, notes = [], 0, set()
+                for k in range(8):
+                    count = _Count()
+                    res = generate(model, make_request(prompt="apple, google style", negative_prompt=negative, seed=k, **extra),
+                                   inputs=[count])
+                    images.append(res.images[0])
+                    rows += count.rows
+                    notes.update(res.notes)
+                px = np.stack([np.asarray(im.convert("RGBA"), dtype=np.int32) for im in images])
+                opaque = px[..., 3] > 128
+                red = (px[..., 0] > px[..., 1] + 40) & (px[..., 0] > px[..., 2] + 40) & opaque
+                row = {"who": name, "negative_prompt": negative or None, "red_share": float(red.sum() / max(1, opaque.sum())),
+                       "unet_rows_per_image": rows / 8, "notes": sorted(notes)}
+                results["negative"].append(row)
+                shown[(name, f"apple, negative {negative or '-'}")] = images
+                print(json.dumps(row), flush=True)
     if "control" not in skip:
         weights = Path(__file__).resolve().parents[1] / "src/dreamlab/weights/controlnets"
         results["control"] = {}
@@ -142,7 +164,7 @@ def main() -> None:
         labelled_grid(cells, captions, cols=show).save(args.grid)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: v for k, v in results.items() if k not in ("img2img", "inpaint", "control")}, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k not in ("img2img", "inpaint", "control", "negative")}, indent=1))
 
 
 if __name__ == "__main__":
