@@ -87,6 +87,9 @@ def main() -> None:
     plot(results, Path(args.plot))
 
 
+FID_TOP = 200  # the FID axis stops here (few-step karras DPM++ goes far above)
+
+
 def plot(results: list[dict], dest: Path) -> None:
     import matplotlib
 
@@ -102,7 +105,11 @@ def plot(results: list[dict], dest: Path) -> None:
         rows.sort(key=lambda r: r["unet_rows"])
         style = "s--" if name.startswith("teacher") else "o-"
         for ax, metric in zip(axes, ("fid", "top5")):
-            ax.plot([r["unet_rows"] for r in rows], [r[metric] for r in rows], style, label=name)
+            ys = [min(r[metric], FID_TOP) if metric == "fid" else r[metric] for r in rows]
+            ax.plot([r["unet_rows"] for r in rows], ys, style, label=name)
+            for r in rows:  # off the FID scale: drawn at its top, with the value
+                if metric == "fid" and r[metric] > FID_TOP:
+                    ax.annotate(f"{r[metric]:.0f}", (r["unet_rows"], FID_TOP), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ref = next((r for r in results if r["name"] == "teacher dpmpp_2m karras" and r["steps"] == 30), None)
     for ax, metric, label in zip(axes, ("fid", "top5"), ("FID (lower is better)", "judge top-5 (higher is better)")):
         if ref:

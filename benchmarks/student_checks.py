@@ -147,14 +147,16 @@ def main() -> None:
         weights = Path(__file__).resolve().parents[1] / "src/dreamlab/weights/controlnets"
         results["control"] = {}
         for cond in ("canny", "shape"):
-            for name, (model, extra) in models.items():
-                steps = extra.get("steps", model.defaults.steps)
-                scored = evaluate_controlnet(model, weights / cond, cond, args.data, n=args.n, scales=(0.0, 1.0), steps=steps,
-                                             cfg_scale=model.defaults.cfg_scale or 5.0)
-                results["control"][f"{cond}/{name}"] = scored
-                print(cond, name, json.dumps(scored), flush=True)
+            for prompt in (False, True):  # the map alone (where a ControlNet shows), and with the caption
+                for name, (model, extra) in models.items():
+                    steps = extra.get("steps", model.defaults.steps)
+                    scored = evaluate_controlnet(model, weights / cond, cond, args.data, n=args.n, scales=(0.0, 1.0), steps=steps,
+                                                 cfg_scale=model.defaults.cfg_scale or 5.0, prompt=prompt)
+                    key = f"{cond}/{name}/{'caption' if prompt else 'empty prompt'}"
+                    results["control"][key] = scored
+                    print(key, json.dumps(scored), flush=True)
 
-    if shown:
+    if shown and len(shown) > 2:  # (a run of the ControlNets alone keeps the grid)
         show = min(6, len(sources))
         cells, captions = list(sources[:show]), ["source"] * show
         for (name, what), images in shown.items():
@@ -162,8 +164,9 @@ def main() -> None:
             captions += [f"{name}: {what}"[:24]] * show
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         labelled_grid(cells, captions, cols=show).save(args.grid)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.json:  # parts left out (--skip) keep their earlier results
+        old = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+        Path(args.json).write_text(json.dumps({**old, **results}, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k not in ("img2img", "inpaint", "control", "negative")}, indent=1))
 
 
