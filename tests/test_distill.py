@@ -458,3 +458,27 @@ def test_config_errors_are_one_line():
         with pytest.raises(DreamlabError) as info:
             distill.check_config(DistillConfig(data="d", out="o", **bad))
         assert "\n" not in str(info.value)
+
+
+def test_init_continues_a_consistency_student_and_refuses_anything_else(minilm_teacher, tmp_path):
+    """The shipped student (or a snapshot) is the fallback resume point: --init starts a new run from its UNet."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    cfg = DistillConfig(data=str(FIXTURE), out=str(first), teacher=str(minilm_teacher), steps=1, **TINY_RUN)
+    distill.train_distill(cfg)
+    again = tmp_path / "again"
+    distill.train_distill(replace(cfg, out=str(again), init=str(first / "model"), steps=1, lr=0.0))
+    # lr 0: the new run's student is the one it started from, not a fresh copy of the teacher
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(first / "model" / weights)), load_file(str(again / "model" / weights))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["time_embedding.cond_proj.weight"].abs().sum() > 0  # (the trained projection, not the zero init)
+    info = json.loads((again / "model" / "dreamlab.json").read_text())["training"]
+    assert info["init"] == str(first / "model")
+    for bad, msg in ((dict(init=str(minilm_teacher)), "not a consistency student"),
+                     (dict(init=str(tmp_path / "none")), "--init"),
+                     (dict(init=str(first / "model"), method="progressive"), "continues a consistency student")):
+        with pytest.raises(DreamlabError, match=msg) as e:
+            distill.train_distill(replace(cfg, out=str(tmp_path / "bad"), **bad))
+        assert "\n" not in str(e.value)

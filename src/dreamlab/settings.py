@@ -224,6 +224,9 @@ class DistillConfig:
     out: str  # run folder: checkpoints, log, loss.png, model/ (the student), stages/ (progressive)
     method: str = "consistency"  # consistency | progressive
     teacher: str | None = None  # the frozen teacher (default: the shipped default model)
+    # consistency, when --out has no checkpoint: a student of the same teacher to continue from (its UNet;
+    # a fresh optimiser, and the target network starts as it), e.g. the shipped fast or a run's snapshot
+    init: str | None = None
     name: str = "fast"  # the student's model name (manifests); progressive stages add "-Nstep"
     # optimiser steps; progressive: of each stage (the guided stage, then each halving round)
     steps: int = 4000

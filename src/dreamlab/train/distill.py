@@ -95,6 +95,8 @@ def check_config(cfg: DistillConfig) -> None:
                             "times a power of 2 (each round halves the steps)")
     if cfg.huber_c <= 0 or not 0.0 <= cfg.target_decay < 1.0:
         raise DreamlabError("--huber-c must be > 0 and --target-decay within [0, 1)")
+    if cfg.init and cfg.method != "consistency":
+        raise DreamlabError("--init continues a consistency student; a progressive run starts each round from the last")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.student_steps < 1 or cfg.solver_steps < 1 or cfg.guidance_dim < 2:
         raise DreamlabError("--steps, --batch-size, --student-steps and --solver-steps must be positive, --guidance-dim >= 2")
 
@@ -113,6 +115,24 @@ def student_from(teacher_unet, guidance_dim: int):
         raise DreamlabError(f"cannot make a student of this UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
     torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
     return unet
+
+
+def _init_student(init: str, model):
+    """``--init``: the UNet of a consistency student of this teacher (a run's model or snapshot, the shipped
+    fast), checked to be one before anything is trained."""
+    from diffusers import UNet2DConditionModel
+
+    from ..loading.model import load_model
+
+    try:
+        student = load_model(init)
+    except DreamlabError as e:
+        raise DreamlabError(f"--init {init}: {e}") from None
+    if student.student is None or student.student.method != "consistency":
+        raise DreamlabError(f"--init {init} is not a consistency student (its dreamlab.json names no consistency teacher)")
+    if student.student.teacher_unet != base_hash(model.files):
+        raise DreamlabError(f"--init {init} was distilled from another teacher than {model.name}")
+    return UNet2DConditionModel.from_pretrained(Path(student.source) / "unet", torch_dtype=torch.float32)  # (a name: its folder)
 
 
 def guided_x0(teacher: Denoiser, x, sigma, cond: Cond, uncond: Cond, w):
@@ -271,7 +291,9 @@ def _train_stage(cfg, index: int, plan: list[Stage], model, teacher: Denoiser, r
 
     stage, end = plan[index], (index + 1) * cfg.steps
     previous = None
-    if index == 0:
+    if index == 0 and cfg.init and ckpt is None:
+        unet = _init_student(cfg.init, model)
+    elif index == 0:
         unet = student_from(model.unet, cfg.guidance_dim)
     else:  # a halving round: the last stage's student is its teacher and its starting point
         prev_dir = out / "stages" / plan[index - 1].name / "unet"
@@ -326,7 +348,7 @@ def _train_stage(cfg, index: int, plan: list[Stage], model, teacher: Denoiser, r
                       train_hours=spent / 3600)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         info = {"steps": step, "stage": stage.name, "train_hours": spent / 3600, "device": str(d.device),
-                "method": cfg.method, "batch_size": B, "lr": cfg.lr}
+                "method": cfg.method, "batch_size": B, "lr": cfg.lr, **({"init": str(cfg.init)} if cfg.init else {})}
         steps = stage.steps or model.defaults.steps
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
             snap = export_student(unet, ema, root, raw, out / "snapshots" / f"step-{step:07d}", cfg, model, stage, info,
