@@ -12,7 +12,7 @@ measured against the teacher on held-out real emoji.
   autoencoder).
 - ControlNets (canny, shape; made for the teacher, offered to its students): `dreamlab control-eval`'s
   fidelity (edge F1, silhouette IoU), FID and top-5 at scales 0 and 1.
-- negative prompts: "apple" with and without the negative prompt "red", 8 seeds: the share of opaque pixels
+- negative prompts: "heart" with and without the negative prompt "red", 8 seeds: the share of opaque pixels
   that are red, the rows a step, and the note a student's result carries (guidance on its scale-1 rows).
 - a grid: a few sources, img2img at 0.4 and 0.7, inpainting, and canny, student beside teacher.
 """
@@ -23,6 +23,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+
+NEGATIVE_TEST = ("heart, google style", "red")  # (a prompt whose usual colour the negative prompt names)
 
 
 class _Count:
@@ -126,11 +129,11 @@ def main() -> None:
     if "negative" not in skip:
         results["negative"] = []
         for name, (model, extra) in models.items():
-            for negative in ("", "red"):
+            for negative in ("", NEGATIVE_TEST[1]):
                 images, rows, notes = [], 0, set()
                 for k in range(8):
                     count = _Count()
-                    res = generate(model, make_request(prompt="apple, google style", negative_prompt=negative, seed=k, **extra),
+                    res = generate(model, make_request(prompt=NEGATIVE_TEST[0], negative_prompt=negative, seed=k, **extra),
                                    inputs=[count])
                     images.append(res.images[0])
                     rows += count.rows
@@ -141,7 +144,7 @@ def main() -> None:
                 row = {"who": name, "negative_prompt": negative or None, "red_share": float(red.sum() / max(1, opaque.sum())),
                        "unet_rows_per_image": rows / 8, "notes": sorted(notes)}
                 results["negative"].append(row)
-                shown[(name, f"apple, negative {negative or '-'}")] = images
+                shown[(name, f"negative {negative or '-'}")] = images
                 print(json.dumps(row), flush=True)
     if "control" not in skip:
         weights = Path(__file__).resolve().parents[1] / "src/dreamlab/weights/controlnets"
