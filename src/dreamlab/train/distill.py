@@ -119,20 +119,23 @@ def student_from(teacher_unet, guidance_dim: int):
 
 def _init_student(init: str, model):
     """``--init``: the UNet of a consistency student of this teacher (a run's model or snapshot, the shipped
-    fast), checked to be one before anything is trained."""
+    fast), checked by its dreamlab.json to be one before anything is trained; only its UNet is loaded."""
     from diffusers import UNet2DConditionModel
 
-    from ..loading.model import load_model
+    from ..loading.model import named_model, read_spec
 
+    folder = named_model(init)
+    if not (folder / "unet").is_dir():
+        raise DreamlabError(f"--init {init}: no model at {folder} (expected a student's model folder with unet/)")
     try:
-        student = load_model(init)
+        spec = read_spec(folder)
     except DreamlabError as e:
         raise DreamlabError(f"--init {init}: {e}") from None
-    if student.student is None or student.student.method != "consistency":
+    if spec.student is None or spec.student.method != "consistency":
         raise DreamlabError(f"--init {init} is not a consistency student (its dreamlab.json names no consistency teacher)")
-    if student.student.teacher_unet != base_hash(model.files):
+    if spec.student.teacher_unet != base_hash(model.files):
         raise DreamlabError(f"--init {init} was distilled from another teacher than {model.name}")
-    return UNet2DConditionModel.from_pretrained(Path(student.source) / "unet", torch_dtype=torch.float32)  # (a name: its folder)
+    return UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
 
 
 def guided_x0(teacher: Denoiser, x, sigma, cond: Cond, uncond: Cond, w):
