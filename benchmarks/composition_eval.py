@@ -42,12 +42,10 @@ PAIRS = [("grinning face", "red heart"), ("cat face", "dog face"), ("sun", "full
          ("crying face", "thinking face"), ("pear", "lemon"), ("house", "tent"), ("frog", "turtle")]
 
 
-def _rgba(im):
-    return np.asarray(im.convert("RGBA"))
-
-
 def _t(ims):
-    return torch.from_numpy(np.stack([_rgba(im) for im in ims])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    from dreamlab.images import from_pil
+
+    return from_pil(ims)
 
 
 def _layout(container: str, foods: list[str], size: int, rng: random.Random) -> list[dict]:

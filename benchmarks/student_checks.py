@@ -64,7 +64,8 @@ def main() -> None:
     from dreamlab.eval.evaluate import _images, held_out_prompts
     from dreamlab.eval.judge import judge_outputs, load_judge
     from dreamlab.generate import generate
-    from dreamlab.images import labelled_grid
+    from dreamlab.eval.metrics import topk_accuracy
+    from dreamlab.images import from_pil, labelled_grid
     from dreamlab.loading.model import load_model
     from dreamlab.request import encode_image, make_request
     from dreamlab.settings import default_judge_dir
@@ -86,11 +87,9 @@ def main() -> None:
     shown: dict = {}
 
     def score(images: list) -> dict:
-        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGBA")) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        feats, logits = judge_outputs(judge, x)
+        feats, logits = judge_outputs(judge, from_pil(images))
         cos = torch.nn.functional.cosine_similarity(feats, f_src, dim=1).mean()
-        top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean()
-        return {"cosine_to_source": float(cos), "top5": float(top5)}
+        return {"cosine_to_source": float(cos), "top5": topk_accuracy(logits, labels, ks=(5,))[5]}
 
     def run(model, extra: dict, **fields) -> tuple[list, dict]:
         images, rows, notes, t0 = [], 0, set(), time.perf_counter()

@@ -16,6 +16,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a.squeeze(-1) if mode == "L" else a), mode) for a in arr]
 
 
+def from_pil(images) -> torch.Tensor:
+    """PIL images of one size -> (B, 4, H, W) RGBA in [-1, 1]: the inverse of :func:`to_pil` (what the judge reads)."""
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGBA")) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def on_background(image: Image.Image, color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Composite an RGBA image over a solid colour (what a viewer sees)."""
     if image.mode != "RGBA":

@@ -67,6 +67,7 @@ def evaluate_controlnet(model, folder: Path | None, condition: str, data: str, *
     from ..eval.judge import judge_outputs, load_judge
     from ..eval.metrics import fid
     from ..generate import encode_image, generate, make_request
+    from ..images import from_pil
 
     test = EmojiDataset(Path(data).expanduser(), split="test")
     records = held_out_prompts(test, n)
@@ -88,8 +89,7 @@ def evaluate_controlnet(model, folder: Path | None, condition: str, data: str, *
                                controls=controls)
             images.append(generate(model, req).images[0])
             fids.append(fidelity(condition, m, images[-1]))
-        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGBA")) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        feats, logits = judge_outputs(judge, x)
+        feats, logits = judge_outputs(judge, from_pil(images))
         labels = torch.tensor([pos[r["base"]] for r in records])
         top5 = float((logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean())
         out[f"{scale:g}"] = {"fidelity": float(np.mean(fids)), "fid": fid(feats, real_feats), "top5": top5, "n": len(records)}

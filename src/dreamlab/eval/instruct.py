@@ -21,13 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..images import from_pil
+
 
 def _rgba(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGBA"))
-
-
-def _tensor(images) -> torch.Tensor:
-    return torch.from_numpy(np.stack([_rgba(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def alpha_iou(a: Image.Image, b: Image.Image) -> float:
@@ -89,7 +87,7 @@ class Scorer:
 
         sources = [s for s, _ in self.edits]
         outs = [o if o.size == s.size else o.convert("RGBA").resize(s.size, Image.LANCZOS) for o, s in zip(outs, sources)]
-        feats, logits = judge_outputs(self.judge, _tensor([*sources, *outs]))
+        feats, logits = judge_outputs(self.judge, from_pil([*sources, *outs]))
         feats = torch.nn.functional.normalize(feats, dim=1)
         k = len(sources)
         top = logits.topk(5, dim=1).indices.tolist()
