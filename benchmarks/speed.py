@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from contextlib import nullcontext
 
@@ -28,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
+from timing import cpu_name, warm_times
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     cases = {"30 steps, CFG 5 (batch 1)": dict(steps=30, cfg_scale=5.0, batch=1),
              "4 steps, no CFG (batch 1)": dict(steps=4, cfg_scale=1.0, batch=1),
              "4 steps, no CFG (batch 8)": dict(steps=4, cfg_scale=1.0, batch=8)}
-    results: dict = {"threads": args.threads, "cpu": _cpu(), "torch": torch.__version__, "variants": {}}
+    results: dict = {"threads": args.threads, "cpu": cpu_name(), "torch": torch.__version__, "variants": {}}
     reference: dict = {}
     for variant in args.variants.split(","):
         model = load_model()
@@ -73,19 +73,13 @@ def main() -> None:
         for name, kw in cases.items():
             req = make_request(prompt="red apple", seed=1, **kw)
             with ctx():
-                generate(model, req)  # warm-up
-                times, pixels = [], None
-                for _ in range(args.runs):
-                    t0 = time.perf_counter()
-                    out = generate(model, req)
-                    times.append(time.perf_counter() - t0)
-                    pixels = out.pixels
+                median, times, out = warm_times(lambda: generate(model, req), args.runs)
+            pixels = out.pixels
             if variant == "baseline":
-                reference[name] = (statistics.median(times), pixels)
+                reference[name] = (median, pixels)
             base_t, base_px = reference.get(name, (None, None))
-            row[name] = {"seconds_median": statistics.median(times), "seconds": times,
-                         "per_image": statistics.median(times) / kw["batch"],
-                         "ratio_to_baseline": statistics.median(times) / base_t if base_t else None,
+            row[name] = {"seconds_median": median, "seconds": times, "per_image": median / kw["batch"],
+                         "ratio_to_baseline": median / base_t if base_t else None,
                          "max_pixel_diff": float((pixels - base_px).abs().max()) if base_px is not None else None}
         if t_compile is not None:
             row["compile_seconds"] = t_compile
@@ -95,15 +89,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-
-
-def _cpu() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read()
-        model = next(line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name"))
-        return f"{model}, {os.cpu_count()} cores, avx512_bf16: {'avx512_bf16' in flags}"
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+from timing import cpu_name, warm_times  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def main() -> None:
@@ -41,13 +41,7 @@ def main() -> None:
 
     def per_image(model, steps: int, batch: int) -> float:
         req = make_request(prompt="red apple, twitter style", seed=1, steps=steps, batch=batch)
-        generate(model, req)  # warm-up
-        times = []
-        for _ in range(args.runs):
-            t0 = time.perf_counter()
-            generate(model, req)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) / batch
+        return warm_times(lambda: generate(model, req), args.runs)[0] / batch
 
     rows = []
     for batch in (1, 8):
@@ -60,7 +54,7 @@ def main() -> None:
             rows.append({"who": "student", "sampler": student.defaults.sampler, "steps": n, "batch": batch, "unet_rows": n,
                          "seconds_per_image": s, "ratio": s / base})
             print(json.dumps(rows[-1]), flush=True)
-    out = {"student": str(student.source), "threads": args.threads, "runs": args.runs, "cpu": _cpu(), "rows": rows}
+    out = {"student": str(student.source), "threads": args.threads, "runs": args.runs, "cpu": cpu_name(), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -69,14 +63,6 @@ def main() -> None:
         r8 = next(r for r in rows if r["batch"] == 8 and r["who"] == r1["who"] and r["steps"] == r1["steps"])
         print(f"| {r1['who']} ({r1['sampler']}) | {r1['steps']} | {r1['unet_rows']} | {r1['seconds_per_image']:.3f} | "
               f"{r1['ratio']:.3f} | {r8['seconds_per_image']:.3f} | {r8['ratio']:.3f} |")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":
