@@ -32,6 +32,12 @@ def _fp16_copy(src: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
+def _drop_training_logs(folder: Path) -> None:
+    """Training logs and sample grids stay in the run folder, not in the package."""
+    for extra in ("log.jsonl", "loss.png", "samples.png"):
+        (folder / extra).unlink(missing_ok=True)
+
+
 def ship(model: str | Path, judge: str | Path, dest: str | Path = WEIGHTS_DIR) -> Path:
     model, judge, dest = Path(model).expanduser(), Path(judge).expanduser(), Path(dest).expanduser()
     from ..loading.model import read_spec
@@ -48,8 +54,7 @@ def ship(model: str | Path, judge: str | Path, dest: str | Path = WEIGHTS_DIR) -
     _fp16_copy(judge, judge_tmp)
     shutil.rmtree(dest / "judge")
     judge_tmp.rename(dest / "judge")
-    for extra in ("log.jsonl", "loss.png"):  # training logs stay in the run folder
-        (dest / "judge" / extra).unlink(missing_ok=True)
+    _drop_training_logs(dest / "judge")
     write_sums(dest)
     return dest
 
@@ -71,8 +76,7 @@ def ship_named(model: str | Path, name: str, dest: str | Path = WEIGHTS_DIR, car
     load_model(model)  # a folder that does not load is refused before anything is replaced
     dest.mkdir(parents=True, exist_ok=True)
     _fp16_copy(model, dest / name)
-    for extra in ("log.jsonl", "loss.png", "samples.png"):
-        (dest / name / extra).unlink(missing_ok=True)
+    _drop_training_logs(dest / name)
     if card is not None:
         shutil.copyfile(Path(card).expanduser(), dest / name / "MODEL_CARD.md")
     write_sums(dest)
