@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def main() -> None:
     from dreamlab.loading.model import load_model
     from dreamlab.settings import EvalConfig
 
+    @functools.cache
+    def described(folder):
+        """(the model's defaults, its UNet's sha256): one load per folder for both."""
+        model = load_model(folder)
+        unet = Path(model.source) / "unet" / "diffusion_pytorch_model.safetensors"
+        return model.defaults, sha256_file(unet) if unet.exists() else str(model.source)
+
     out = Path(args.json)
     results = json.loads(out.read_text()) if out.exists() else []
     done = {r["key"] for r in results}
@@ -58,18 +66,14 @@ def main() -> None:
         for spec in args.student:
             name, _, rest = spec.partition("=")
             folder, _, fixed = rest.partition(":")
-            d = load_model(folder).defaults  # (loaded again to score: a second, not the cost)
+            d = described(folder)[0]
             for n in ([int(fixed)] if fixed else [int(s) for s in args.steps.split(",")]):
                 todo.append(("student", name, folder, d.sampler, d.schedule, n))
 
     base = EvalConfig(data=args.data, prompts=args.prompts)
-    ev, shas = None, {}
+    ev = None
     for kind, name, folder, sampler, schedule, n in todo:
-        if folder not in shas:
-            source = Path(load_model(folder).source)
-            unet = source / "unet" / "diffusion_pytorch_model.safetensors"
-            shas[folder] = sha256_file(unet) if unet.exists() else str(source)
-        unet_sha = shas[folder]
+        unet_sha = described(folder)[1]
         grid = "" if kind == "teacher" and schedule == "karras" else f"{schedule}/"  # (karras: the first teacher rows)
         key = f"{unet_sha[:16]}/{grid}{sampler}/{n}/{args.prompts}x{base.per_prompt}/cfg{base.cfg_scale}/seed{base.seed}"
         if key in done:
