@@ -91,17 +91,22 @@ def main() -> None:
         cos = torch.nn.functional.cosine_similarity(feats, f_src, dim=1).mean()
         return {"cosine_to_source": float(cos), "top5": topk_accuracy(logits, labels, ks=(5,))[5]}
 
-    def run(model, extra: dict, **fields) -> tuple[list, dict]:
+    def generate_all(model, requests: list[dict]) -> tuple[list, dict]:
+        """One image per request's fields, with the UNet rows per image, the seconds and the notes."""
         images, rows, notes, t0 = [], 0, set(), time.perf_counter()
-        for k, (r, src) in enumerate(zip(records, sources)):
+        for fields in requests:
             count = _Count()
-            res = generate(model, make_request(prompt=canonical_caption(r), seed=k, init_image=encode_image(src),
-                                               **extra, **fields), inputs=[count])
+            res = generate(model, make_request(**fields), inputs=[count])
             images.append(res.images[0])
             rows += count.rows
             notes.update(res.notes)
-        return images, {"unet_rows_per_image": rows / len(records), "seconds_per_image": (time.perf_counter() - t0) / len(records),
+        return images, {"unet_rows_per_image": rows / len(requests), "seconds_per_image": (time.perf_counter() - t0) / len(requests),
                         "notes": sorted(notes)}
+
+    def run(model, extra: dict, **fields) -> tuple[list, dict]:
+        """Each held-out source, asked for with its caption (img2img, inpainting)."""
+        return generate_all(model, [dict(prompt=canonical_caption(r), seed=k, init_image=encode_image(src), **extra, **fields)
+                                    for k, (r, src) in enumerate(zip(records, sources))])
 
     if "img2img" not in skip:
         results["img2img"] = []
@@ -129,19 +134,13 @@ def main() -> None:
         results["negative"] = []
         for name, (model, extra) in models.items():
             for negative in ("", NEGATIVE_TEST[1]):
-                images, rows, notes = [], 0, set()
-                for k in range(8):
-                    count = _Count()
-                    res = generate(model, make_request(prompt=NEGATIVE_TEST[0], negative_prompt=negative, seed=k, **extra),
-                                   inputs=[count])
-                    images.append(res.images[0])
-                    rows += count.rows
-                    notes.update(res.notes)
+                images, info = generate_all(model, [dict(prompt=NEGATIVE_TEST[0], negative_prompt=negative, seed=k, **extra)
+                                                    for k in range(8)])
                 px = np.stack([np.asarray(im.convert("RGBA"), dtype=np.int32) for im in images])
                 opaque = px[..., 3] > 128
                 red = (px[..., 0] > px[..., 1] + 40) & (px[..., 0] > px[..., 2] + 40) & opaque
                 row = {"who": name, "negative_prompt": negative or None, "red_share": float(red.sum() / max(1, opaque.sum())),
-                       "unet_rows_per_image": rows / 8, "notes": sorted(notes)}
+                       "unet_rows_per_image": info["unet_rows_per_image"], "notes": info["notes"]}
                 results["negative"].append(row)
                 shown[(name, f"negative {negative or '-'}")] = images
                 print(json.dumps(row), flush=True)
